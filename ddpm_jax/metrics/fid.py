@@ -1,0 +1,228 @@
+"""Frechet Inception Distance and Inception Score, computed as the paper's evaluation did.
+
+The numbers follow the TTUR FID code and the original Inception Score code, both run on the
+2015-12-05 Inception graph (``ddpm_jax.metrics.inception``):
+
+* activation statistics are the float64 mean and (unbiased, ``np.cov``) covariance of the
+  2048-d pool3 features;
+* the Frechet distance is ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))``; when the
+  matrix square root is not finite, ``eps`` is added to both diagonals and it is taken again;
+  an imaginary part on the diagonal above 1e-3 is an error, smaller ones are dropped;
+* the Inception Score is ``exp(E_x KL(p(y|x) || p(y)))`` over 10 consecutive splits, reported as
+  mean and standard deviation over the splits, from the 1008-way softmax of the logits
+  without the final layer's bias (as the original code multiplies pool3 by the weights only).
+
+Statistics files are ``.npz`` with arrays ``mu`` [D] and ``sigma`` [D, D], the same layout as
+the TTUR and pytorch-fid statistics files, so either can be used as a reference.
+
+The command line (``python -m ddpm_jax.metrics.fid --help``) has two commands: ``stats``
+writes reference statistics of a data set, ``fid`` scores a samples ``.npz`` against them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+from scipy import linalg, special
+
+STATS_KEYS = ("mu", "sigma")
+
+
+def activation_statistics(activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of feature vectors, in float64.
+
+    Args:
+      activations: [N, D] features (N >= 2), e.g. Inception pool3 features.
+
+    Returns:
+      (mu [D], sigma [D, D]) in float64; sigma is the unbiased covariance (``np.cov``).
+    """
+    acts = np.asarray(activations, dtype=np.float64)
+    if acts.ndim != 2 or acts.shape[0] < 2:
+        raise ValueError(
+            f"activations must have shape [N, D] with N >= 2, got shape {acts.shape}."
+        )
+    mu = np.mean(acts, axis=0)
+    sigma = np.cov(acts, rowvar=False)
+    return mu, np.atleast_2d(sigma)
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """Principal matrix square root; a poorly conditioned input is handled by the caller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    *,
+    eps: float = 1e-6,
+) -> float:
+    """Frechet distance between two Gaussians N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 @ sigma2))``, with the
+    TTUR code's numerics: if ``sqrtm`` of the product is not finite (singular product), ``eps``
+    is added to both covariance diagonals and it is recomputed; a complex result is accepted
+    only if the imaginary part of its diagonal is within 1e-3 of zero, and its real part is
+    kept.
+
+    Args:
+      mu1: [D] mean of the first set.
+      sigma1: [D, D] covariance of the first set.
+      mu2: [D] mean of the second set.
+      sigma2: [D, D] covariance of the second set.
+      eps: diagonal offset used only when the product is singular.
+
+    Returns:
+      The squared Frechet distance (what papers call FID) as a Python float.
+
+    Raises:
+      ValueError: on mismatched shapes, or a square root with a large imaginary component.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.shape != mu2.shape or mu1.ndim != 1:
+        raise ValueError(f"mu1 and mu2 must be vectors of one length, got {mu1.shape} and "
+                         f"{mu2.shape}.")
+    d = mu1.shape[0]
+    for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if s.shape != (d, d):
+            raise ValueError(f"{name} must have shape {(d, d)} to match the means, got {s.shape}.")
+
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"Frechet distance: singular covariance product; adding {eps} to the diagonals.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        offset = np.eye(d) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(
+                "Frechet distance: sqrtm(sigma1 @ sigma2) has an imaginary component of "
+                f"{np.max(np.abs(covmean.imag)):.3g}; the statistics are likely too few samples "
+                "or not covariance matrices."
+            )
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, *, splits: int = 10) -> tuple[float, float]:
+    """Inception Score from classifier logits, over consecutive splits.
+
+    Split i holds rows ``[i * N // splits, (i + 1) * N // splits)``; its score is
+    ``exp(mean_x KL(p(y|x) || mean_x p(y|x)))``. Softmax and logs are in float64.
+
+    Args:
+      logits: [N, K] logits (for the paper's protocol: ``pool3 @ W`` of the Inception
+        network's 1008-way softmax layer, without bias; see ``InceptionV3``).
+      splits: number of splits (the paper's protocol uses 10).
+
+    Returns:
+      (mean, std) of the per-split scores.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape [N, K], got {logits.shape}.")
+    if not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"splits must be in [1, N={logits.shape[0]}], got {splits}.")
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp = logp - special.logsumexp(logp, axis=1, keepdims=True)
+    p = np.exp(logp)
+    n = logits.shape[0]
+    scores = []
+    for i in range(splits):
+        part_logp = logp[i * n // splits:(i + 1) * n // splits]
+        part_p = p[i * n // splits:(i + 1) * n // splits]
+        # log p(y) by log-sum-exp, so classes that no image predicts stay finite.
+        log_marginal = special.logsumexp(part_logp, axis=0) - np.log(part_logp.shape[0])
+        kl = np.sum(part_p * (part_logp - log_marginal), axis=1)
+        scores.append(np.exp(np.mean(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
+                    **extra: np.ndarray) -> None:
+    """Writes ``mu`` and ``sigma`` (and any extra arrays) to an ``.npz`` file.
+
+    The write goes through a temporary file and a rename, so a reader never sees half a file.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+    os.replace(tmp, path)
+
+
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Reads ``(mu [D], sigma [D, D])`` from an ``.npz`` (ours, TTUR's or pytorch-fid's)."""
+    with np.load(os.fspath(path)) as f:
+        missing = [k for k in STATS_KEYS if k not in f.files]
+        if missing:
+            raise ValueError(
+                f"{path}: not a statistics file; it lacks {missing} (has {f.files}). Make one "
+                "with `python -m ddpm_jax.metrics.fid stats`."
+            )
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+
+
+def load_images_npz(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """Loads uint8 images [N, H, W, C] from an ``.npz`` (e.g. what the sampler writes).
+
+    Args:
+      path: the ``.npz`` file.
+      key: the array's name; by default the file's only array, else the first of
+        "images", "samples", "arr_0" that it has.
+
+    Returns:
+      uint8 [N, H, W, C] with C in {1, 3}.
+    """
+    with np.load(os.fspath(path)) as f:
+        if key is None:
+            if len(f.files) == 1:
+                key = f.files[0]
+            else:
+                key = next((k for k in ("images", "samples", "arr_0") if k in f.files), None)
+            if key is None:
+                raise ValueError(f"{path}: which array holds the images? Pass key= one of "
+                                 f"{f.files}.")
+        elif key not in f.files:
+            raise ValueError(f"{path}: no array named {key!r}; it has {f.files}.")
+        images = f[key]
+    return check_images(images, name=f"{path}[{key}]")
+
+
+def check_images(images: np.ndarray, *, name: str = "images") -> np.ndarray:
+    """Checks for uint8 NHWC images with 1 or 3 channels and returns them as a numpy array."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{name} must be [N, H, W, C] with C in (1, 3), got {images.shape}.")
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 in [0, 255] (the sampler's output), got "
+                         f"{images.dtype}; convert with np.round((x + 1) * 127.5).clip(0, 255)"
+                         ".astype(np.uint8) from [-1, 1].")
+    return images
+
+
+def fid_from_statistics(a: Mapping[str, np.ndarray] | tuple, b: Mapping[str, np.ndarray] | tuple
+                        ) -> float:
+    """FID between two statistics, each a (mu, sigma) pair or a mapping with those keys."""
+    def unpack(s):
+        return (s["mu"], s["sigma"]) if isinstance(s, Mapping) else tuple(s)
+    (mu1, s1), (mu2, s2) = unpack(a), unpack(b)
+    return frechet_distance(mu1, s1, mu2, s2)

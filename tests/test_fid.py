@@ -1,0 +1,164 @@
+"""Tests for ddpm_jax.metrics.fid against independent float64 numpy/scipy computations."""
+
+import numpy as np
+import pytest
+from scipy import linalg as sla
+
+from ddpm_jax.metrics import fid
+
+
+def _random_cov(rng, d, n):
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3
+    return np.cov(a, rowvar=False)
+
+
+def _reference_fid(mu1, s1, mu2, s2):
+    """Independent closed form: tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), via eigh."""
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = sla.eigvalsh(root1 @ s2 @ root1)
+    tr_covmean = np.sum(np.sqrt(np.clip(inner, 0, None)))
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+
+
+@pytest.mark.parametrize("d", [1, 7, 64])
+def test_frechet_distance_matches_eigen_closed_form(d):
+    rng = np.random.default_rng(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = _random_cov(rng, d, 4 * d + 3), _random_cov(rng, d, 4 * d + 5)
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    want = _reference_fid(mu1, np.atleast_2d(s1), mu2, np.atleast_2d(s2))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_frechet_distance_of_commuting_diagonal_gaussians():
+    # Diagonal covariances: d^2 = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    want = 1.0 + 4.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_frechet_distance_zero_for_identical_statistics():
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(300, 32)).astype(np.float32)
+    mu, sigma = fid.activation_statistics(acts)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_singular_product_falls_back_to_eps_offset(monkeypatch):
+    # Force the first square root to be non-finite, as for a singular product: the result must
+    # then be the closed form with eps added to both diagonals, with a warning.
+    calls = []
+    real_sqrtm = fid._sqrtm
+
+    def flaky_sqrtm(a):
+        calls.append(a)
+        out = real_sqrtm(a)
+        return np.full_like(out, np.inf) if len(calls) == 1 else out
+
+    monkeypatch.setattr(fid, "_sqrtm", flaky_sqrtm)
+    rng = np.random.default_rng(1)
+    d, eps = 5, 1e-2
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = _random_cov(rng, d, 3), _random_cov(rng, d, 40)  # s1 has rank 2
+    with pytest.warns(RuntimeWarning, match="singular"):
+        got = fid.frechet_distance(mu1, s1, mu2, s2, eps=eps)
+    assert len(calls) == 2
+    # The offset enters only the sqrt term; the traces use the raw covariances.
+    off = np.eye(d) * eps
+    want = _reference_fid(mu1, s1 + off, mu2, s2 + off) - 2 * d * eps
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_frechet_distance_rejects_large_imaginary_part(monkeypatch):
+    monkeypatch.setattr(fid, "_sqrtm", lambda a: np.eye(a.shape[0]) * (1 + 0.5j))
+    with pytest.raises(ValueError, match="imaginary"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
+
+
+def test_frechet_distance_drops_small_imaginary_part(monkeypatch):
+    monkeypatch.setattr(fid, "_sqrtm", lambda a: np.eye(a.shape[0]) * (1 + 1e-5j))
+    got = fid.frechet_distance(np.zeros(3), 2 * np.eye(3), np.zeros(3), 2 * np.eye(3))
+    np.testing.assert_allclose(got, 12.0 - 6.0)
+
+
+def test_frechet_distance_shape_errors():
+    with pytest.raises(ValueError, match="mu1 and mu2"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="sigma2"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
+
+
+def test_activation_statistics_float64_mean_and_unbiased_cov():
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(50, 6)).astype(np.float32)
+    mu, sigma = fid.activation_statistics(acts)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    x = acts.astype(np.float64)
+    centered = x - x.sum(0) / 50
+    np.testing.assert_allclose(mu, x.sum(0) / 50, rtol=1e-12)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.activation_statistics(acts[:1])
+
+
+def test_inception_score_uniform_logits_is_one():
+    mean, std = fid.inception_score(np.zeros((100, 1008)), splits=10)
+    np.testing.assert_allclose(mean, 1.0, rtol=1e-12)
+    assert std < 1e-12
+
+
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_inception_score_confident_even_predictions_equals_class_count(num_classes):
+    n = 10 * num_classes
+    labels = np.arange(n) % num_classes  # every split holds every class equally often
+    logits = np.full((n, 1008), -1e4)
+    logits[np.arange(n), labels] = 0.0
+    mean, std = fid.inception_score(logits, splits=10)
+    np.testing.assert_allclose(mean, num_classes, rtol=1e-9)
+    assert std < 1e-9 * num_classes
+
+
+def test_inception_score_matches_direct_kl():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(37, 5)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    bounds = [(i * 37 // 4, (i + 1) * 37 // 4) for i in range(4)]
+    scores = []
+    for lo, hi in bounds:
+        part = p[lo:hi]
+        marg = part.mean(0)
+        scores.append(np.exp(np.mean([np.sum(q * np.log(q / marg)) for q in part])))
+    mean, std = fid.inception_score(logits, splits=4)
+    np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
+    with pytest.raises(ValueError, match="splits"):
+        fid.inception_score(logits, splits=0)
+
+
+def test_statistics_roundtrip_and_bad_file(tmp_path):
+    rng = np.random.default_rng(4)
+    mu, sigma = rng.normal(size=4), np.eye(4)
+    path = tmp_path / "sub" / "stats.npz"
+    fid.save_statistics(path, mu, sigma)
+    mu2, sigma2 = fid.load_statistics(path)
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a statistics file"):
+        fid.load_statistics(tmp_path / "bad.npz")
+
+
+def test_load_images_npz_keys_and_dtype(tmp_path):
+    imgs = np.zeros((3, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "one.npz", whatever=imgs)
+    assert fid.load_images_npz(tmp_path / "one.npz").shape == (3, 8, 8, 3)
+    np.savez(tmp_path / "two.npz", images=imgs, labels=np.zeros(3))
+    assert fid.load_images_npz(tmp_path / "two.npz").shape == (3, 8, 8, 3)
+    with pytest.raises(ValueError, match="no array named"):
+        fid.load_images_npz(tmp_path / "two.npz", key="nope")
+    np.savez(tmp_path / "float.npz", images=imgs.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.load_images_npz(tmp_path / "float.npz")
