@@ -163,7 +163,7 @@ def q_mean_variance(s: Schedule, x_start: jax.Array, t: jax.Array):
       (mean [B, ...], variance [B, 1, ..], log_variance [B, 1, ..]).
     """
     mean = extract(s.sqrt_alphas_cumprod, t, x_start) * x_start
-    variance = extract(1.0 - s.alphas_cumprod, t, x_start)
+    variance = jnp.square(extract(s.sqrt_one_minus_alphas_cumprod, t, x_start))
     log_variance = extract(s.log_one_minus_alphas_cumprod, t, x_start)
     return mean, variance, log_variance
 
