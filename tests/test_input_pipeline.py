@@ -296,6 +296,68 @@ def test_tfds_eval_one_padded_pass(mock_cifar):
 
 
 # ----------------------------------------------------------------------------
+# tfds on real files: a tiny data set written under the name cifar10 (no download)
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    tf = pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    rng = np.random.default_rng(0)
+    arrays = {"train": rng.integers(0, 256, (22, 32, 32, 3), dtype=np.uint8),
+              "test": rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)}
+    features = tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10),
+    })
+    splits = {name: tf.data.Dataset.from_tensor_slices(
+        {"id": [f"{name}{i}" for i in range(len(x))], "image": x, "label": np.arange(len(x)) % 10})
+        for name, x in arrays.items()}
+    tfds.dataset_builders.TfDataBuilder(
+        name="cifar10", version="3.0.2", split_datasets=splits, features=features,
+        data_dir=str(data_dir), description="fake").download_and_prepare()
+    cfg = {"name": "cifar10", "image_size": 32, "channels": 3, "data_dir": str(data_dir),
+           "random_flip": True, "shuffle_buffer": 1000}
+    return cfg, arrays
+
+
+def test_tfds_files_two_processes_shard_and_resume(fake_cifar):
+    cfg, arrays = fake_cifar
+    assert ip.num_examples(cfg, "train") == 22 and ip.num_examples(cfg, "test") == 9
+    plain = dict(cfg, random_flip=False)
+    firsts = []
+    for p in (0, 1):  # 11 examples per process: a pass ends inside batch 3
+        kw = {"batch_size": 4, "seed": 9, "process_index": p, "process_count": 2}
+        stream = np.concatenate([b["image"] for b in _stream(plain, 6, **kw)])
+        first, second = stream[:11], stream[11:22]
+        np.testing.assert_array_equal(_sorted_rows(first), _sorted_rows(second))
+        assert not np.array_equal(first, second)
+        firsts.append(first)
+        full = _stream(cfg, 6, **kw)
+        resumed = _stream(cfg, 3, start_step=3, **kw)
+        for x, y in zip(full[3:], resumed, strict=True):
+            np.testing.assert_array_equal(x["image"], y["image"])
+            np.testing.assert_array_equal(x["label"], y["label"])
+    # The two shards are disjoint and together hold the whole split.
+    np.testing.assert_array_equal(_sorted_rows(np.concatenate(firsts)),
+                                  _sorted_rows(arrays["train"]))
+
+
+def test_tfds_files_eval_two_processes(fake_cifar):
+    cfg, arrays = fake_cifar
+    got, counts = [], []
+    for p in (0, 1):  # 9 = 5 + 4 examples: 2 batches of 4 on both processes
+        batches = list(ip.create_input_iter(cfg, batch_size=4, train=False, seed=0,
+                                            process_index=p, process_count=2))
+        counts.append([int(b["mask"].sum()) for b in batches])
+        got += [b["image"][b["mask"]] for b in batches]
+    assert counts == [[4, 1], [4, 0]]
+    np.testing.assert_array_equal(_sorted_rows(np.concatenate(got)), _sorted_rows(arrays["test"]))
+
+
+# ----------------------------------------------------------------------------
 # errors
 
 
