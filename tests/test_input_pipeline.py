@@ -357,6 +357,31 @@ def test_tfds_files_eval_two_processes(fake_cifar):
     np.testing.assert_array_equal(_sorted_rows(np.concatenate(got)), _sorted_rows(arrays["test"]))
 
 
+def test_tfds_files_lsun_center_crop_and_resize(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # Gray 40 x 56 JPEGs: the central 40 x 40 square (columns 8..47, on JPEG block
+    # edges) is one value per image, the 8 columns on each side are 250.
+    values = np.array([30, 90, 160], np.uint8)
+    images = np.full((3, 40, 56, 3), 250, np.uint8)
+    images[:, :, 8:48] = values[:, None, None, None]
+    split = tf.data.Dataset.from_tensor_slices({"id": ["a", "b", "c"], "image": images})
+    features = tfds.features.FeaturesDict({"id": tfds.features.Text(),
+                                           "image": tfds.features.Image(encoding_format="jpeg")})
+    tfds.dataset_builders.TfDataBuilder(
+        name="lsun", config="cat", version="3.1.0", split_datasets={"train": split},
+        features=features, data_dir=str(tmp_path), description="fake").download_and_prepare()
+    cfg = {"name": "lsun_cat", "image_size": 20, "channels": 3, "data_dir": str(tmp_path)}
+    for size in (20, 40):  # resampled, and cropped only
+        batch = next(ip.create_input_iter(dict(cfg, image_size=size), batch_size=3, train=False,
+                                          seed=0, process_index=0, process_count=1))
+        assert batch["image"].shape == (3, size, size, 3) and batch["image"].dtype == np.uint8
+        np.testing.assert_array_equal(batch["label"], np.zeros(3, np.int32))
+        got = np.sort(batch["image"].reshape(3, -1).astype(int).mean(axis=1))
+        np.testing.assert_allclose(got, values, atol=2)
+        assert np.ptp(batch["image"].reshape(3, -1), axis=1).max() <= 6  # no 250 border left
+
+
 # ----------------------------------------------------------------------------
 # errors
 
