@@ -32,6 +32,18 @@ def test_frechet_distance_matches_eigen_closed_form(d):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("d", [3, 64])
+def test_eigh_method_matches_sqrtm_method(d):
+    rng = np.random.default_rng(10 + d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = _random_cov(rng, d, 3 * d), _random_cov(rng, d, 5 * d)
+    got = fid.frechet_distance(mu1, s1, mu2, s2, method="eigh")
+    np.testing.assert_allclose(got, fid.frechet_distance(mu1, s1, mu2, s2), rtol=1e-9)
+    np.testing.assert_allclose(got, _reference_fid(mu1, s1, mu2, s2), rtol=1e-9)
+    with pytest.raises(ValueError, match="method"):
+        fid.frechet_distance(mu1, s1, mu2, s2, method="svd")
+
+
 def test_frechet_distance_of_commuting_diagonal_gaussians():
     # Diagonal covariances: d^2 = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2.
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
@@ -162,3 +174,60 @@ def test_load_images_npz_keys_and_dtype(tmp_path):
     np.savez(tmp_path / "float.npz", images=imgs.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         fid.load_images_npz(tmp_path / "float.npz")
+
+
+def _random_inception_npz(path):
+    """Writes random FID Inception weights (torch names) as the cached .npz format."""
+    import importlib.util
+    import json
+    import os
+
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    spec = importlib.util.spec_from_file_location(
+        "make_inception_fixture", os.path.join(fixtures, "make_inception_fixture.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with np.load(os.path.join(fixtures, "inception_fixture.npz")) as f:
+        keys, shapes = [str(k) for k in f["keys"]], json.loads(str(f["shapes"]))
+    np.savez(path, **module.random_state_dict(keys, shapes))
+
+
+def test_stats_and_fid_commands(tmp_path):
+    import json
+
+    from ddpm_jax import input_pipeline
+    from ddpm_jax.metrics import cli, inception
+
+    weights = tmp_path / "inception.npz"
+    _random_inception_npz(weights)
+    stats = tmp_path / "ref" / "digits_test.npz"
+    common = ["--inception", str(weights), "--batch_size", "8"]
+    cli.main(["stats", *common, "--dataset", "digits", "--split", "test", "--max_images", "8",
+              "--out", str(stats)])
+    meta = json.loads((tmp_path / "ref" / "digits_test.json").read_text())
+    assert meta["num_images"] == 8
+
+    images, _ = input_pipeline.load_numpy({"name": "digits", "image_size": 8}, "test")
+    images = images[:8]
+    feats = inception.InceptionExtractor(inception.load_inception_params(weights),
+                                         batch_size=8)(images)
+    acts = feats["pool3"].astype(np.float64)
+    mu, sigma = fid.load_statistics(stats)
+    np.testing.assert_allclose(mu, acts.mean(0), rtol=1e-6, atol=1e-7)
+    centered = acts - acts.mean(0)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 7, rtol=1e-6, atol=1e-8)
+
+    # Samples = the reference images: FID ~ 0. Samples = the reference images shifted by a
+    # few levels: FID > 0 and equal to the closed form on their features.
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=images)
+    out = tmp_path / "res" / "fid.json"
+    cli.main(["fid", *common, "--samples", str(samples), "--ref", str(stats), "--splits", "2",
+              "--fid_method", "eigh", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 8
+    assert abs(result["fid"]) < 1e-3 * np.trace(sigma)
+    p = np.exp(feats["logits_unbiased"].astype(np.float64))
+    p /= p.sum(1, keepdims=True)
+    split_scores = [np.exp(np.mean(np.sum(q * np.log(q / q.mean(0)), 1))) for q in (p[:4], p[4:])]
+    np.testing.assert_allclose(result["inception_score"], np.mean(split_scores), rtol=1e-5)

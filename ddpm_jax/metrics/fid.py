@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import linalg, special
@@ -57,6 +58,14 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(a)
 
 
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrtm(sigma1 @ sigma2) = sum sqrt(eig(sigma1^1/2 sigma2 sigma1^1/2)), for PSD inputs."""
+    w, v = linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    return float(np.sum(np.sqrt(np.clip(linalg.eigvalsh((inner + inner.T) / 2), 0.0, None))))
+
+
 def frechet_distance(
     mu1: np.ndarray,
     sigma1: np.ndarray,
@@ -64,6 +73,7 @@ def frechet_distance(
     sigma2: np.ndarray,
     *,
     eps: float = 1e-6,
+    method: str = "sqrtm",
 ) -> float:
     """Frechet distance between two Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
@@ -79,6 +89,11 @@ def frechet_distance(
       mu2: [D] mean of the second set.
       sigma2: [D, D] covariance of the second set.
       eps: diagonal offset used only when the product is singular.
+      method: "sqrtm" (default): the TTUR computation above, with ``scipy.linalg.sqrtm``
+        (slow: about a minute for D = 2048 on two CPU cores). "eigh": the same quantity as
+        ``tr sqrt(sigma1^1/2 sigma2 sigma1^1/2)`` from symmetric eigendecompositions (negative
+        round-off eigenvalues clipped to 0), seconds for D = 2048; it agrees with "sqrtm" to
+        float64 round-off for covariance matrices of more samples than dimensions.
 
     Returns:
       The squared Frechet distance (what papers call FID) as a Python float.
@@ -98,7 +113,12 @@ def frechet_distance(
         if s.shape != (d, d):
             raise ValueError(f"{name} must have shape {(d, d)} to match the means, got {s.shape}.")
 
+    if method not in ("sqrtm", "eigh"):
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}.")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                     - 2.0 * _trace_sqrt_product(sigma1, sigma2))
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(
@@ -219,10 +239,103 @@ def check_images(images: np.ndarray, *, name: str = "images") -> np.ndarray:
     return images
 
 
-def fid_from_statistics(a: Mapping[str, np.ndarray] | tuple, b: Mapping[str, np.ndarray] | tuple
-                        ) -> float:
+def fid_from_statistics(a: Mapping[str, np.ndarray] | tuple, b: Mapping[str, np.ndarray] | tuple,
+                        *, method: str = "sqrtm") -> float:
     """FID between two statistics, each a (mu, sigma) pair or a mapping with those keys."""
     def unpack(s):
         return (s["mu"], s["sigma"]) if isinstance(s, Mapping) else tuple(s)
     (mu1, s1), (mu2, s2) = unpack(a), unpack(b)
-    return frechet_distance(mu1, s1, mu2, s2)
+    return frechet_distance(mu1, s1, mu2, s2, method=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features of image sets and data sets.
+
+DEFAULT_IMAGE_SIZES = {"digits": 8, "cifar10": 32, "celeb_a_hq": 256, "lsun_church": 256,
+                       "lsun_bedroom": 256, "lsun_cat": 256}
+
+
+def image_features(extractor: Callable[..., Mapping[str, np.ndarray]],
+                   batches: Iterable[np.ndarray], *, total: int | None = None,
+                   progress: bool = False, desc: str = "Inception") -> dict[str, np.ndarray]:
+    """Inception features of a stream of uint8 image batches.
+
+    Args:
+      extractor: an ``inception.InceptionExtractor`` (or any callable with its signature).
+      batches: uint8 [b, H, W, C] arrays, of any sizes b.
+      total: number of images expected, for the progress bar.
+      progress: show a progress bar (counted in images).
+      desc: its label.
+
+    Returns:
+      "pool3" float32 [N, 2048] and "logits" float32 [N, 1008] (without bias, for the IS).
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=desc, unit="img")
+    pool3, logits = [], []
+    for batch in batches:
+        out = extractor(check_images(batch))
+        pool3.append(out["pool3"])
+        logits.append(out["logits_unbiased"])
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    if not pool3:
+        raise ValueError("no images to compute Inception features of.")
+    return {"pool3": np.concatenate(pool3), "logits": np.concatenate(logits)}
+
+
+def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), size):
+        yield images[start:start + size]
+
+
+def array_features(extractor, images: np.ndarray, *, progress: bool = False,
+                   desc: str = "Inception") -> dict[str, np.ndarray]:
+    """``image_features`` of an in-memory uint8 array [N, H, W, C]."""
+    images = check_images(images)
+    size = getattr(extractor, "batch_size", 200)
+    return image_features(extractor, _chunks(images, size), total=len(images),
+                          progress=progress, desc=desc)
+
+
+def dataset_batches(data_cfg: Mapping[str, Any], split: str, *, batch_size: int,
+                    max_images: int | None = None) -> tuple[Iterator[np.ndarray], int]:
+    """All images of a data set split, in order, as uint8 batches, read by this process.
+
+    Uses ``ddpm_jax.input_pipeline`` (tfds, digits, image folders, .npz), so images are
+    cropped and resized exactly as for training. Every process reads the whole split.
+
+    Returns:
+      (iterator of uint8 [b, H, W, C] batches, number of images it yields).
+    """
+    from ddpm_jax import input_pipeline
+
+    total = input_pipeline.num_examples(data_cfg, split)
+    if max_images is not None:
+        total = min(total, max_images)
+
+    def gen():
+        left = total
+        it = input_pipeline.create_input_iter(
+            data_cfg, batch_size=batch_size, train=False, seed=0, split=split,
+            process_index=0, process_count=1)
+        for batch in it:
+            if left <= 0:
+                break
+            images = batch["image"][batch["mask"]][:left]
+            left -= len(images)
+            yield images
+
+    return gen(), total
+
+
+def fid_between(extractor, images_a: np.ndarray, images_b: np.ndarray, *,
+                method: str = "sqrtm") -> float:
+    """FID between two uint8 image sets [N, H, W, C] (sizes may differ)."""
+    stats = [activation_statistics(array_features(extractor, x)["pool3"])
+             for x in (images_a, images_b)]
+    return fid_from_statistics(stats[0], stats[1], method=method)

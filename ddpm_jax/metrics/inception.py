@@ -22,9 +22,10 @@ precision would otherwise move the features (and FID) noticeably.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -248,10 +249,15 @@ _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running
 
 def param_shapes() -> dict[str, tuple[int, ...]]:
     """Flat {"a/b/c": shape} of InceptionV3's params, from an abstract init (no compute)."""
+    return dict(_param_shapes())
+
+
+@functools.lru_cache(maxsize=1)
+def _param_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
     abstract = jax.eval_shape(
         lambda: InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3), jnp.uint8)))
     flat = traverse_util.flatten_dict(abstract["params"], sep="/")
-    return {k: tuple(v.shape) for k, v in flat.items()}
+    return tuple((k, tuple(v.shape)) for k, v in flat.items())
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -339,6 +345,18 @@ def load_inception_params(path: str | os.PathLike) -> dict:
     return params
 
 
+@functools.lru_cache(maxsize=8)
+def _sharded_apply(devices: tuple[jax.Device, ...]):
+    """One jitted InceptionV3 per device set, so that extractors share compilations."""
+    mesh = Mesh(np.array(devices), ("data",))
+    data = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    model = InceptionV3()
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                    in_shardings=(replicated, data), out_shardings=replicated)
+    return apply, data, replicated
+
+
 class InceptionExtractor:
     """Jitted FID Inception features, batched and sharded over all devices.
 
@@ -350,18 +368,12 @@ class InceptionExtractor:
 
     def __init__(self, params: Mapping, *, batch_size: int = 200,
                  devices: Sequence[jax.Device] | None = None):
-        devices = list(jax.devices() if devices is None else devices)
+        devices = tuple(jax.devices() if devices is None else devices)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
-        mesh = Mesh(np.array(devices), ("data",))
-        self._data = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
+        self._apply, self._data, replicated = _sharded_apply(devices)
         self._params = jax.device_put(params, replicated)
-        model = InceptionV3()
-        self._apply: Callable = jax.jit(
-            lambda p, x: model.apply({"params": p}, x),
-            in_shardings=(replicated, self._data), out_shardings=replicated)
 
     def __call__(self, images: np.ndarray, *, progress: bool = False,
                  desc: str = "Inception") -> dict[str, np.ndarray]:
