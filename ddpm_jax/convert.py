@@ -84,6 +84,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         holding ``diffusion_pytorch_model.safetensors`` (or ``.bin``),
         directly or under ``unet/``.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory.")
     if os.path.isdir(path):
         for sub in ("", "unet"):
             for ext in ("safetensors", "bin"):
@@ -239,6 +241,42 @@ def _from_torch_layout(arr: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     return arr
 
 
+# Hyperparameters of a diffusers UNet2DModel that the state dict does not show,
+# with the values that make it the DDPM network.
+_DDPM_DIFFUSERS_SETTINGS = {
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "downsample_padding": 0,
+    "act_fn": "silu",
+    "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default",
+    "center_input_sample": False,
+    "mid_block_scale_factor": 1,
+}
+
+
+def check_diffusers_config(diffusers_config: Mapping[str, Any]) -> None:
+    """Raises ValueError if a diffusers UNet2DModel config.json is not a DDPM U-Net.
+
+    Checks the settings that the weights cannot reveal (timestep embedding,
+    norm epsilon, downsampling padding, one attention head, ...).
+    """
+    bad = [
+        f"{k}={diffusers_config[k]!r} (need {v!r})"
+        for k, v in _DDPM_DIFFUSERS_SETTINGS.items()
+        if k in diffusers_config and diffusers_config[k] != v
+    ]
+    head_dim = diffusers_config.get("attention_head_dim")
+    if head_dim is not None and head_dim not in diffusers_config.get("block_out_channels", ()):
+        bad.append(f"attention_head_dim={head_dim!r} (need None: one head)")
+    if diffusers_config.get("class_embed_type") is not None:
+        bad.append(f"class_embed_type={diffusers_config['class_embed_type']!r} (need None)")
+    if bad:
+        raise ValueError("the diffusers model is not a DDPM U-Net: " + ", ".join(bad))
+
+
 def unet_params_from_diffusers(
     state_dict: Mapping[str, np.ndarray], config: UNetConfig, *, image_size: int | None = None
 ) -> Params:
@@ -361,8 +399,7 @@ def unet_params_from_official(
     unknown = [n for n in ours if n not in expected and n.rsplit("/", 1)[0] not in expected]
 
     def fetch(path, name, shape):
-        key = name + _EMA_SUFFIX if ema else name
-        return reader.get_tensor(key) if key in names else None
+        return reader.get_tensor(name) if name in names else None
 
     def source_name(path):
         return _official_name(path, scope) + (_EMA_SUFFIX if ema else "")
@@ -400,12 +437,17 @@ def main(argv: list[str] | None = None) -> None:
     from ddpm_jax import checkpoint
 
     config = _load_config(args.config)
-    learned = config.diffusion.var_type in ("learned", "learned_range")
-    out_ch = config.data.channels * (2 if learned else 1)
-    unet_config = UNetConfig.from_config(config.model, out_ch=out_ch)
+    unet_config = UNetConfig.from_config(config.model, out_ch=checkpoint.out_channels(config))
     image_size = int(config.data.image_size)
-    meta = checkpoint.meta_from_config(config)
+    step = 0
     if args.source == "diffusers":
+        folder = args.src if os.path.isdir(args.src) else os.path.dirname(args.src)
+        for sub in ("", "unet"):
+            config_json = os.path.join(folder, sub, "config.json")
+            if os.path.exists(config_json):
+                with open(config_json) as f:
+                    check_diffusers_config(json.load(f))
+                break
         params = unet_params_from_diffusers(
             load_state_dict(args.src), unet_config, image_size=image_size
         )
@@ -417,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
 
         reader = tf.train.load_checkpoint(args.src)
         if reader.has_tensor("global_step"):
-            meta["step"] = int(reader.get_tensor("global_step"))
+            step = int(reader.get_tensor("global_step"))
+    meta = checkpoint.meta_from_config(config, step=step)
     checkpoint.save_params(args.out, params, meta=meta)
     print(f"wrote {args.out}")
 
