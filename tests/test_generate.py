@@ -1,0 +1,129 @@
+"""Tests for ddpm_jax.generate: batching, padding, outputs, the command line."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_jax import diffusion, generate, sampling, schedules
+from ddpm_jax.unet import UNet, UNetConfig
+
+T = 8
+SIZE, CHANNELS = 8, 3
+
+
+def tiny_meta(num_classes=None, var_type="fixedlarge"):
+    out_ch = CHANNELS * (2 if var_type in ("learned", "learned_range") else 1)
+    cfg = UNetConfig(ch=32, out_ch=out_ch, ch_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), dropout=0.0, num_classes=num_classes)
+    return {
+        "model": cfg.to_dict(),
+        "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.2,
+                      "num_timesteps": T, "mean_type": "eps", "var_type": var_type},
+        "data": {"image_size": SIZE, "channels": CHANNELS},
+        "step": 7,
+    }
+
+
+def random_params(model, *args, seed=1):
+    """Random params of the right shapes without compiling model.init (slow on CPU):
+    kernels N(0, 1/fan_in), norm scales 1, biases and embeddings small."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1])
+        if leaf.ndim >= 2 and "embedding" not in name:
+            return rng.standard_normal(leaf.shape, np.float32) / np.sqrt(np.prod(leaf.shape[:-1]))
+        if "scale" in name:
+            return np.ones(leaf.shape, np.float32)
+        return 0.1 * rng.standard_normal(leaf.shape, np.float32)
+
+    return jax.tree.map_with_path(fill, shapes)
+
+
+@functools.cache
+def tiny_params(num_classes=None):
+    meta = tiny_meta(num_classes)
+    cfg = dict(meta["model"])
+    model = UNet(UNetConfig.from_config(cfg, out_ch=cfg.pop("out_ch")))
+    x = jnp.zeros((1, SIZE, SIZE, CHANNELS))
+    y = None if num_classes is None else jnp.zeros((1,), jnp.int32)
+    return random_params(model, x, jnp.zeros((1,), jnp.int32), y)
+
+
+def np_uint8(x):
+    return np.clip(np.round((np.asarray(x, np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def test_exactly_n_images_independent_of_batch_size():
+    meta, params = tiny_meta(), tiny_params()
+    a = generate.generate(params, meta, num_samples=13, batch_size=8, seed=3, progress=False)
+    b = generate.generate(params, meta, num_samples=16, batch_size=16, seed=3, progress=False)
+    assert set(a) == {"images"}
+    assert a["images"].shape == (13, SIZE, SIZE, CHANNELS) and a["images"].dtype == np.uint8
+    diff = np.abs(a["images"].astype(int) - b["images"][:13].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99  # float noise at rounding edges only
+    assert a["images"].std() > 10  # real images, not a constant
+    c = generate.generate(params, meta, num_samples=13, batch_size=8, seed=4, progress=False)
+    assert (a["images"] != c["images"]).mean() > 0.5
+
+
+def test_matches_sampler_on_one_device():
+    """The sharded, batched run equals sampling.sample on the whole batch."""
+    meta, params = tiny_meta(), tiny_params()
+    got = generate.generate(params, meta, num_samples=8, batch_size=8, seed=5, sampler="ddim",
+                            num_steps=3, eta=0.5, progress=False)["images"]
+    s = diffusion.make_schedule(schedules.get_beta_schedule(
+        "linear", beta_start=1e-4, beta_end=0.2, num_timesteps=T))
+    model = generate.build_model(meta)
+    x = jax.jit(lambda k: sampling.sample(
+        s, lambda x, t: model.apply({"params": params}, x, t), k, (8, SIZE, SIZE, CHANNELS),
+        mean_type="eps", var_type="fixedlarge", sampler="ddim", num_steps=3, eta=0.5))(
+        jax.random.key(5))
+    diff = np.abs(got.astype(int) - np_uint8(x).astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_class_conditional_with_guidance():
+    meta, params = tiny_meta(num_classes=3), tiny_params(num_classes=3)
+    out = generate.generate(params, meta, num_samples=10, batch_size=8, guidance_scale=1.5,
+                            progress=False)
+    assert out["images"].shape == (10, SIZE, SIZE, CHANNELS)
+    np.testing.assert_array_equal(out["labels"], np.arange(10) % 3)
+    fixed = generate.generate(params, meta, num_samples=8, batch_size=8, class_label=2,
+                              guidance_scale=0.0, progress=False)
+    np.testing.assert_array_equal(fixed["labels"], np.full(8, 2))
+
+
+def test_write_outputs(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (13, SIZE, SIZE, CHANNELS), dtype=np.uint8)
+    generate.write_outputs({"images": images}, str(tmp_path / "out"), grid_size=64)
+    with np.load(tmp_path / "out" / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], images)
+    grid = np.asarray(Image.open(tmp_path / "out" / "samples.png"))
+    assert grid.shape == (4 * SIZE, 4 * SIZE, CHANNELS)  # 13 images: 4 x 4 tiles
+    np.testing.assert_array_equal(grid[SIZE:2 * SIZE, :SIZE], images[4])  # row 1, column 0
+    assert not grid[3 * SIZE:, SIZE:].any()  # unused tiles stay black
+    gray = images[:5, :, :, :1]
+    generate.write_outputs({"images": gray}, str(tmp_path / "gray"), grid_size=4)
+    assert np.asarray(Image.open(tmp_path / "gray" / "samples.png")).shape == (2 * SIZE, 2 * SIZE)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"batch_size": 12}, "batch_size"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"class_label": 1}, "class-conditional"),
+        ({"sampler": "plms"}, "sampler"),
+    ],
+)
+def test_bad_input(kw, match):
+    kw = {"num_samples": 4, "batch_size": 8, "progress": False, **kw}
+    with pytest.raises(ValueError, match=match):
+        generate.generate(tiny_params(), tiny_meta(), **kw)
