@@ -241,19 +241,20 @@ def _from_torch_layout(arr: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     return arr
 
 
-# Hyperparameters of a diffusers UNet2DModel that the state dict does not show,
-# with the values that make it the DDPM network.
+# Hyperparameters of a diffusers UNet2DModel that the state dict does not show:
+# (the value that makes it the DDPM network, diffusers' default when absent).
 _DDPM_DIFFUSERS_SETTINGS = {
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "norm_eps": 1e-6,
-    "norm_num_groups": 32,
-    "downsample_padding": 0,
-    "act_fn": "silu",
-    "time_embedding_type": "positional",
-    "resnet_time_scale_shift": "default",
-    "center_input_sample": False,
-    "mid_block_scale_factor": 1,
+    "flip_sin_to_cos": (False, True),
+    "freq_shift": (1, 0),
+    "norm_eps": (1e-6, 1e-5),
+    "norm_num_groups": (32, 32),
+    "downsample_padding": (0, 1),
+    "act_fn": ("silu", "silu"),
+    "time_embedding_type": ("positional", "positional"),
+    "resnet_time_scale_shift": ("default", "default"),
+    "center_input_sample": (False, False),
+    "mid_block_scale_factor": (1, 1),
+    "class_embed_type": (None, None),
 }
 
 
@@ -261,18 +262,21 @@ def check_diffusers_config(diffusers_config: Mapping[str, Any]) -> None:
     """Raises ValueError if a diffusers UNet2DModel config.json is not a DDPM U-Net.
 
     Checks the settings that the weights cannot reveal (timestep embedding,
-    norm epsilon, downsampling padding, one attention head, ...).
+    norm epsilon, downsampling padding, one attention head, ...); absent keys
+    take diffusers' defaults.
     """
-    bad = [
-        f"{k}={diffusers_config[k]!r} (need {v!r})"
-        for k, v in _DDPM_DIFFUSERS_SETTINGS.items()
-        if k in diffusers_config and diffusers_config[k] != v
-    ]
-    head_dim = diffusers_config.get("attention_head_dim")
-    if head_dim is not None and head_dim not in diffusers_config.get("block_out_channels", ()):
+    bad = []
+    for key, (need, default) in _DDPM_DIFFUSERS_SETTINGS.items():
+        value = diffusers_config.get(key, default)
+        if value != need:
+            bad.append(f"{key}={value!r} (need {need!r})")
+    head_dim = diffusers_config.get("attention_head_dim", 8)
+    widths = list(diffusers_config.get("block_out_channels", ()))
+    blocks = diffusers_config.get("down_block_types", ())
+    attn_widths = {w for w, b in zip(widths, blocks, strict=False) if "Attn" in b}
+    attn_widths |= set(widths[-1:])  # the middle block
+    if head_dim is not None and attn_widths != {head_dim}:
         bad.append(f"attention_head_dim={head_dim!r} (need None: one head)")
-    if diffusers_config.get("class_embed_type") is not None:
-        bad.append(f"class_embed_type={diffusers_config['class_embed_type']!r} (need None)")
     if bad:
         raise ValueError("the diffusers model is not a DDPM U-Net: " + ", ".join(bad))
 

@@ -88,7 +88,7 @@ def test_diffusers_layouts(fixture):
 
 
 def test_diffusers_mismatches_raise(fixture):
-    state, _ = fixture
+    state, arrays = fixture
     extra = {**state, "down_blocks.0.attentions.0.to_q.weight": np.zeros((32, 32), np.float32)}
     with pytest.raises(ValueError, match=r"unknown tensors \['down_blocks.0.attentions.0.to_q"):
         convert.unet_params_from_diffusers(extra, FIXTURE_CONFIG, image_size=16)
@@ -104,10 +104,14 @@ def test_diffusers_mismatches_raise(fixture):
     wrong_attn = UNetConfig(**{**FIXTURE_CONFIG.to_dict(), "attn_resolutions": (8, 4)})
     with pytest.raises(ValueError, match="attention at levels"):
         convert.unet_params_from_diffusers(state, wrong_attn)
-    with pytest.raises(ValueError, match="not a DDPM U-Net.*freq_shift"):
-        convert.check_diffusers_config({"freq_shift": 0, "flip_sin_to_cos": False})
-    convert.check_diffusers_config(
-        {"freq_shift": 1, "flip_sin_to_cos": False, "norm_eps": 1e-6, "attention_head_dim": None})
+    ddpm = json.loads(str(arrays["config"]))
+    convert.check_diffusers_config(ddpm)
+    with pytest.raises(ValueError, match="not a DDPM U-Net: freq_shift=0"):
+        convert.check_diffusers_config({**ddpm, "freq_shift": 0})
+    with pytest.raises(ValueError, match="attention_head_dim=8"):
+        convert.check_diffusers_config({**ddpm, "attention_head_dim": 8})
+    with pytest.raises(ValueError, match="downsample_padding=1"):  # the diffusers default
+        convert.check_diffusers_config({k: v for k, v in ddpm.items() if k != "downsample_padding"})
 
 
 def _write_safetensors(path, tensors):
@@ -275,12 +279,12 @@ def get_config():
 def test_command_line_writes_an_inference_checkpoint(tmp_path, fixture):
     from ddpm_jax import checkpoint
 
-    state, _ = fixture
+    state, arrays = fixture
     model_dir = tmp_path / "ddpm-tiny"
     model_dir.mkdir()
     _write_safetensors(model_dir / "diffusion_pytorch_model.safetensors",
                        {k: (v, None) for k, v in state.items()})
-    (model_dir / "config.json").write_text(json.dumps({"freq_shift": 1, "norm_eps": 1e-6}))
+    (model_dir / "config.json").write_text(str(arrays["config"]))
     config_path = tmp_path / "tiny_config.py"
     config_path.write_text(CONFIG_FILE)
     out = tmp_path / "converted"

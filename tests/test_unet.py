@@ -349,5 +349,6 @@ def test_bfloat16_close_to_float32(small_params):
     got = jax.jit(UNet(bf16).apply)({"params": small_params}, x, t)
     assert got.dtype == jnp.float32
     err = np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max()
-    # Measured about 1e-2 (bf16 has an 8-bit mantissa, ~4e-3 relative per op).
-    assert 1e-4 < err < 5e-2, err
+    # Measured 1.1e-2 here (1.4e-2 on the CIFAR-10 config with random params): bf16 keeps
+    # 8 mantissa bits, ~4e-3 relative rounding per op. The lower bound shows bf16 is used.
+    assert 1e-4 < err < 3e-2, err
