@@ -296,3 +296,22 @@ def test_command_line_writes_an_inference_checkpoint(tmp_path, fixture):
     expected = convert.unet_params_from_diffusers(state, FIXTURE_CONFIG)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
     assert math.isclose(float(meta["diffusion"]["beta_end"]), 0.02)
+
+
+def test_command_line_official(tmp_path, official_checkpoint):
+    from ddpm_jax import checkpoint
+
+    prefix, _, ema = official_checkpoint
+    config_path = tmp_path / "small_config.py"
+    config_path.write_text(
+        CONFIG_FILE.replace("ch_mult=(1, 1, 2), num_res_blocks=2", "ch_mult=(1, 2), num_res_blocks=1")
+        .replace("num_classes=3", "num_classes=None").replace("learned_range", "fixedlarge"))
+    out = tmp_path / "converted"
+    convert.main(["--from", "official", prefix, "--config", str(config_path), "--out", str(out)])
+    params, meta = checkpoint.load_params(str(out))
+    assert meta["step"] == 790000
+    assert meta["model"] == OFFICIAL_CONFIG.to_dict()
+    got = _by_official_name(params)
+    assert sorted(got) == sorted(ema)
+    for name in ema:
+        np.testing.assert_array_equal(got[name], ema[name])
