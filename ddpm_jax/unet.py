@@ -165,10 +165,16 @@ class UNetConfig:
         Args:
           model_cfg: mapping (or ConfigDict) with the keys ch, ch_mult,
             num_res_blocks, attn_resolutions, dropout, resamp_with_conv and
-            optionally num_classes and dtype.
+            optionally num_classes, dtype and out_ch (which must then equal
+            the out_ch argument), e.g. ``to_dict()`` output.
           out_ch: output channels (from the data channels and the var type).
         """
         cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+        if "out_ch" in cfg:  # e.g. UNetConfig.to_dict() output, as in checkpoint metadata
+            if cfg.pop("out_ch") != out_ch:
+                raise ValueError(
+                    f"the model config says out_ch={model_cfg['out_ch']}, the caller {out_ch}."
+                )
         fields = {f.name for f in dataclasses.fields(cls)} - {"out_ch"}
         unknown = sorted(set(cfg) - fields)
         if unknown:

@@ -114,6 +114,9 @@ def test_from_config_and_dtype_names():
     assert cfg.dtype is jnp.bfloat16
     assert cfg.to_dict()["dtype"] == "bfloat16"
     assert UNetConfig(**{**cfg.to_dict(), "dtype": "float32"}).dtype is jnp.float32
+    assert UNetConfig.from_config(cfg.to_dict(), out_ch=6) == cfg
+    with pytest.raises(ValueError, match="out_ch=6"):
+        UNetConfig.from_config(cfg.to_dict(), out_ch=3)
     with pytest.raises(ValueError, match="unknown keys"):
         UNetConfig.from_config({**model_cfg.to_dict(), "chanels": 3}, out_ch=3)
     with pytest.raises(ValueError, match="lacks the keys"):
