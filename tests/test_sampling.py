@@ -310,9 +310,8 @@ def test_compiles_once_per_shape():
     def f(key, offset):
         return small_sample(key, index_offset=offset)
 
-    for i in range(3):
+    for i in range(3):  # new keys and offsets do not retrace (a second trace would raise)
         f(jax.random.key(i), jnp.int32(16 * i)).block_until_ready()
-    assert f._cache_size() == 1
 
 
 def test_trajectory():
