@@ -57,7 +57,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace"
       num_timesteps: T of the schedule.
       num_steps: how many model evaluations (1 <= num_steps <= t_start + 1).
       spacing: "linspace" (evenly spaced from t_start down to 0, both included)
-        or "uniform" (Song et al.: range(0, t_start + 1, (t_start + 1) // num_steps)).
+        or "uniform" (Song et al.: the first num_steps of
+        range(0, t_start + 1, (t_start + 1) // num_steps), visited backwards).
       t_start: the first timestep (default T - 1).
 
     Returns:
