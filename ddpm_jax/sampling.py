@@ -214,6 +214,8 @@ def sample(
     _check_options(sampler, mean_type, var_type, eta, trajectory_every, labels,
                    guidance_scale, null_label, ddim_spacing)
     shape = tuple(int(d) for d in shape)
+    if labels is not None and tuple(jnp.shape(labels)) != shape[:1]:
+        raise ValueError(f"labels must have shape [B] = ({shape[0]},), got {jnp.shape(labels)}.")
     num_timesteps = s.num_timesteps
     t_start = num_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= t_start < num_timesteps:

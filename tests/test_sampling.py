@@ -415,6 +415,7 @@ def test_interpolation(sampler_kw):
         ({"trajectory_every": 0}, "trajectory_every"),
         ({"guidance_scale": 1.0}, "labels"),
         ({"guidance_scale": 1.0, "labels": jnp.zeros(16, jnp.int32)}, "null_label"),
+        ({"labels": jnp.zeros(3, jnp.int32)}, "labels"),
         ({"t_start": SMALL_T}, "t_start"),
         ({"x_init": jnp.zeros((2, 4, 4, 3))}, "x_init"),
     ],
