@@ -1,0 +1,114 @@
+r"""Training throughput of the real train step (`ddpm_jax.train.make_train_fn`).
+
+Times the compiled multi-step call (steps_per_call train steps in one lax.scan, state
+donated, data parallel over all devices) on synthetic uint8 batches, so the input pipeline
+is not measured. FLOPs are 3x the forward pass of the global batch (forward + backward), from
+XLA's cost analysis. Prints one JSON line per batch size (also appended to --out).
+
+  python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
+      --config.training.steps_per_call=2 --out benchmarks/results/cpu.jsonl
+  # on a GPU, bf16 compute, and the largest batch that fits:
+  python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
+      --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
+from ddpm_jax import parallel, train
+from ddpm_jax.unet import UNet
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_BATCH_SIZES = flags.DEFINE_string("batch_sizes", "8", "Comma-separated global batch sizes.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size.")
+_FIND_MAX = flags.DEFINE_bool("find_max_batch", False,
+                              "Double the batch until it no longer fits (accelerators).")
+_OUT = flags.DEFINE_string("out", None, "Append JSON lines to this file.")
+
+
+def bench_one(config, batch: int, repeats: int) -> dict:
+    """Compiles and times the train call at one global batch size."""
+    config.training.batch_size = batch
+    k = config.training.steps_per_call
+    dp = parallel.DataParallel(config.parallelism)
+    local = dp.local_batch_size(batch)
+    state = dp.to_device(dp.replicate(train.create_train_state(config, jax.random.key(0))))
+    train_fn = train.make_train_fn(config, dp)
+    size, channels = config.data.image_size, config.data.channels
+    rng = np.random.default_rng(0)
+    batches = dp.shard_batch({
+        "image": rng.integers(0, 256, (k, local, size, size, channels), dtype=np.uint8),
+        "label": np.zeros((k, local), np.int32),
+    })
+    key_data = jax.random.key_data(jax.random.key(1))
+
+    start = time.perf_counter()
+    state, metrics = train_fn(state, batches, key_data)
+    jax.block_until_ready(metrics)
+    first_call_s = time.perf_counter() - start
+
+    def call():
+        nonlocal state
+        state, m = train_fn(state, batches, key_data)
+        jax.block_until_ready(m)
+
+    times = time_calls(call, warmup=1, repeats=repeats)
+    best = min(times)
+    model = UNet(train.unet_config(config))
+    params = {"params": jax.tree.map(np.asarray, dp.first(state).params)}
+    forward = jax.jit(model.apply).lower(
+        params, jnp.zeros((batch, size, size, channels)), jnp.zeros((batch,), jnp.int32))
+    forward_flops = flops_of(forward.compile())
+    train_flops_per_image = 3 * forward_flops / batch if forward_flops else None
+    images_per_s = batch * k / best
+    record = {
+        "benchmark": "train",
+        "framework": "jax",
+        "config": {"model": config.model.to_dict(), "image_size": size, "channels": channels,
+                   "parallelism": config.parallelism, "steps_per_call": k},
+        "dtype": str(config.model.dtype),
+        "batch": batch,
+        "first_call_s": round(first_call_s, 3),
+        "seconds_per_call": [round(t, 4) for t in times],
+        "images_per_s": images_per_s,
+        "steps_per_s": k / best,
+        "gflop_per_train_image": train_flops_per_image / 1e9 if forward_flops else None,
+        "tflops_per_s": (train_flops_per_image * images_per_s / 1e12
+                         if forward_flops else None),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "final_loss": float(np.asarray(metrics["loss"]).ravel()[-1]),
+    }
+    return record
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    train.validate_config(config)
+    batches = [int(b) for b in _BATCH_SIZES.value.split(",")]
+    for batch in batches:
+        emit(bench_one(config, batch, _REPEATS.value), _OUT.value)
+    if _FIND_MAX.value:
+        batch, largest = batches[-1] * 2, batches[-1]
+        while True:
+            try:
+                bench_one(config, batch, 1)
+            except (RuntimeError, ValueError, MemoryError) as e:  # XLA OOM is a RuntimeError
+                if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+                    raise
+                break
+            largest, batch = batch, batch * 2
+        emit({"benchmark": "train_max_batch", "dtype": str(config.model.dtype),
+              "largest_batch_that_fits": largest, "first_failing_batch": batch}, _OUT.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
