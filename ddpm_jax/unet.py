@@ -490,15 +490,3 @@ def param_shapes(config: UNetConfig, image_size: int, channels: int = 3) -> Any:
     )
     return variables["params"]
 
-
-__all__ = [
-    "AttnBlock",
-    "Downsample",
-    "ResnetBlock",
-    "UNet",
-    "UNetConfig",
-    "Upsample",
-    "count_params",
-    "param_shapes",
-    "timestep_embedding",
-]
