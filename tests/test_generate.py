@@ -127,3 +127,19 @@ def test_bad_input(kw, match):
     kw = {"num_samples": 4, "batch_size": 8, "progress": False, **kw}
     with pytest.raises(ValueError, match=match):
         generate.generate(tiny_params(), tiny_meta(), **kw)
+
+
+def test_command_line(tmp_path):
+    from ddpm_jax import checkpoint
+
+    meta, params = tiny_meta(), tiny_params()
+    checkpoint.save_params(str(tmp_path / "ckpt"), params, meta=meta)
+    out = tmp_path / "samples"
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--num_samples", "5",
+                   "--batch_size", "8", "--seed", "3", "--out", str(out), "--no_progress"])
+    with np.load(out / "samples.npz") as f:
+        images = f["images"]
+    assert images.shape == (5, SIZE, SIZE, CHANNELS) and images.dtype == np.uint8
+    direct = generate.generate(params, meta, num_samples=5, batch_size=8, seed=3, progress=False)
+    np.testing.assert_array_equal(images, direct["images"])
+    assert np.asarray(Image.open(out / "samples.png")).shape == (2 * SIZE, 3 * SIZE, CHANNELS)
