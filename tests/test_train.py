@@ -1,0 +1,201 @@
+"""Tests for ddpm_jax.train on 8 fake CPU devices, with a minimal U-Net config."""
+
+import functools
+import importlib.util
+import os
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpoint, diffusion, parallel, schedules, summary, train
+from ddpm_jax.unet import UNet
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(**training):
+    spec = importlib.util.spec_from_file_location("cfg_test", CONFIG_DIR / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.ch_mult = (1,)
+    c.model.attn_resolutions = ()
+    c.model.dropout = 0.0
+    c.training.num_samples = 0
+    for k, v in training.items():
+        c.training[k] = v
+    return c
+
+
+def _batches(n_calls, k, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.integers(0, 256, (k, batch, 8, 8, 1), dtype=np.uint8),
+             "label": np.zeros((k, batch), np.int32)} for _ in range(n_calls)]
+
+
+def _run(config, mode, batches, traced=None):
+    dp = parallel.DataParallel(mode)
+    state = dp.to_device(dp.replicate(train.create_train_state(config, jax.random.key(0))))
+    fn = functools.partial(train.multi_step, model=UNet(train.unet_config(config)),
+                           config=config)
+    def per_device(state, batches, key_data):
+        return fn(state, batches, key_data)
+
+    step = dp.compile_step(traced(per_device) if traced else per_device)
+    key_data = dp.replicate(jax.random.key_data(jax.random.key(1)))
+    for b in batches:
+        state, metrics = step(state, dp.shard_batch(b), key_data)
+    return dp.first(state), dp.first(metrics)
+
+
+def test_shard_map_and_pmap_agree_and_compile_once():
+    config = tiny_config(steps_per_call=2)
+    # Params whose gradient is pure rounding noise (biases before a GroupNorm) get Adam steps
+    # of size lr from noise that depends on the reduction order; a larger eps damps them.
+    config.optim.eps = 1e-3
+    batches = _batches(3, 2, 16)
+    a, ma = _run(config, "shard_map", batches, traced=chex.assert_max_traces(n=1))
+    chex.clear_trace_counter()
+    b, mb = _run(config, "pmap", batches, traced=chex.assert_max_traces(n=1))
+    assert int(a.step) == int(b.step) == 6
+    assert ma["loss"].shape == (2,)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(a.ema_params, b.ema_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    init = train.create_train_state(config, jax.random.key(0))
+    moved = jax.tree.leaves(jax.tree.map(lambda p, q: np.abs(p - q).max(), a.params, init.params))
+    assert max(moved) > 0
+
+
+def _reference_update(config, batch, clip_per_replica):
+    """One step by hand: per-device losses/grads on a single device, then clip, Adam, EMA."""
+    model = UNet(train.unet_config(config))
+    init = train.create_train_state(config, jax.random.key(0))
+    sched = diffusion.make_schedule(schedules.get_beta_schedule(
+        "linear", num_timesteps=config.diffusion.num_timesteps))
+    key = jax.random.fold_in(jax.random.key(1), 0)  # run key, step 0
+    x_all = batch.astype(np.float32) / 127.5 - 1.0
+    per_dev = x_all.shape[0] // 8
+    grads = []
+    for i in range(8):
+        t_key, n_key, _ = jax.random.split(jax.random.fold_in(key, i), 3)
+        x = jnp.asarray(x_all[i * per_dev:(i + 1) * per_dev])
+        t = jax.random.randint(t_key, (per_dev,), 0, sched.num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(n_key, x.shape)
+
+        def loss(p, x=x, t=t, noise=noise):
+            eps = model.apply({"params": p}, diffusion.q_sample(sched, x, t, noise), t)
+            return jnp.mean((noise - eps) ** 2)
+
+        grads.append(jax.tree.map(np.float64, jax.grad(loss)(init.params)))
+
+    def norm(g):
+        return np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g)))
+
+    c = config.optim.grad_clip
+    if clip_per_replica:
+        grads = [jax.tree.map(lambda x, g=g: x * min(1.0, c / norm(g)), g) for g in grads]
+    g = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *grads)
+    if not clip_per_replica:
+        g = jax.tree.map(lambda x: x * min(1.0, c / norm(g)), g)
+    lr, eps, d = config.optim.lr, config.optim.eps, config.training.ema_decay
+    # First Adam step: bias-corrected m = g, v = g^2.
+    params = jax.tree.map(lambda p, x: p - lr * x / (np.abs(x) + eps), init.params, g)
+    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, init.params, params)
+    return params, ema
+
+
+@pytest.mark.parametrize("clip_per_replica", [False, True])
+def test_one_step_matches_hand_computation(clip_per_replica):
+    config = tiny_config(steps_per_call=1, ema_decay=0.5)
+    config.optim.warmup_steps = 0
+    config.optim.lr = 1e-2
+    config.optim.eps = 1e-3  # keeps g / (|g| + eps) well conditioned for the comparison
+    config.optim.grad_clip = 0.05  # active: the gradient norms are larger
+    config.optim.clip_per_replica = clip_per_replica
+    batch = _batches(1, 1, 16, seed=3)[0]
+    state, metrics = _run(config, "shard_map", [batch])
+    params, ema = _reference_update(config, batch["image"][0], clip_per_replica)
+    assert float(metrics["grad_norm"][0]) > config.optim.grad_clip
+    chex.assert_trees_all_close(state.params, params, rtol=1e-4, atol=2e-6)
+    chex.assert_trees_all_close(state.ema_params, ema, rtol=1e-4, atol=2e-6)
+
+
+def test_learning_rate_warmup():
+    config = tiny_config()
+    config.optim.lr, config.optim.warmup_steps = 2e-4, 5000
+    lr = train.learning_rate_fn(config)
+    np.testing.assert_allclose([lr(0), lr(2500), lr(5000), lr(10**6)], [0, 1e-4, 2e-4, 2e-4],
+                               rtol=1e-6)
+
+
+def test_train_and_evaluate_end_to_end(tmp_path):
+    config = tiny_config(num_train_steps=6, steps_per_call=2, checkpoint_every=4,
+                         num_samples=4, sample_every=100)
+    workdir = str(tmp_path / "run")
+    final = train.train_and_evaluate(config, workdir)
+    assert int(np.asarray(final.step)) == 6
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+    samples = np.load(os.path.join(workdir, "samples", "step_00000006.npz"))["images"]
+    assert samples.dtype == np.uint8 and samples.shape == (4, 8, 8, 1)
+    assert os.path.isfile(os.path.join(workdir, "samples", "step_00000006.png"))
+    params, meta = checkpoint.load_params(workdir)
+    chex.assert_trees_all_close(params, jax.tree.map(np.asarray, final.ema_params))
+    assert meta["step"] == 6 and meta["data"] == {"image_size": 8, "channels": 1}
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(num_train_steps=2, steps_per_call=2), workdir)
+    config = tiny_config(num_train_steps=8, steps_per_call=2, checkpoint_every=2)
+    config.optim.lr = 1e30  # params blow up after one step
+    config.optim.grad_clip = 0.0
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step"):
+        train.train_and_evaluate(config, workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    assert steps and steps[-1] <= 4
+    with checkpoint.TrainCheckpointer(ckpt_dir, read_only=True) as ckpt:
+        state, _ = ckpt.restore_numpy()
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before validating")
+
+    monkeypatch.setattr(train, "make_train_fn", no_compile)
+    monkeypatch.setattr(train, "create_train_state", no_compile)
+    c = tiny_config(batch_size=12)
+    with pytest.raises(ValueError, match="batch_size=8"):
+        train.train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.data.name = "imagenet"
+    with pytest.raises(ValueError, match="data.name"):
+        train.train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.model.ch_mult = (1, 2, 2, 2)  # 8 -> 4 -> 2 -> 1: fine; 4 levels need a multiple of 8
+    c.data.image_size = 12
+    with pytest.raises(ValueError, match="image size 12"):
+        train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_summary_writer_records(tmp_path):
+    assert summary.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = summary.SummaryWriter(str(tmp_path))
+    w.scalars(3, {"loss": 0.5})
+    w.close()
+    with open(w.path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    second = data[8 + 4 + n + 4:]
+    m = int.from_bytes(second[:8], "little")
+    record = second[12:12 + m]
+    assert int.from_bytes(second[12 + m:16 + m], "little") == summary._masked_crc(record)
+    assert b"loss" in record and np.float32(0.5).tobytes() in record
