@@ -134,7 +134,7 @@ def cmd_fid(args) -> dict:
 def cmd_bpd(args) -> dict:
     from ddpm_jax.metrics import likelihood
 
-    return likelihood.run_cli(args, write_json=_write_json, data_cfg=_data_cfg(args))
+    return likelihood.run_cli(args, write_json=_write_json)
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:

@@ -1,0 +1,128 @@
+"""Tests for ddpm_jax.metrics.likelihood: rate/distortion against numpy, bits/dim of a tiny
+digits model trained here with plain optax, sharding independence and the bpd command."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddpm_jax import diffusion, input_pipeline, schedules
+from ddpm_jax.metrics import likelihood
+from ddpm_jax.unet import UNet, UNetConfig
+
+TRAIN_STEPS = 200
+
+
+def test_rate_distortion_matches_numpy_loop():
+    rng = np.random.default_rng(0)
+    n, num_t = 5, 12
+    terms = rng.uniform(0, 0.3, (n, num_t))
+    prior = rng.uniform(0, 1e-3, n)
+    mse = rng.uniform(0, 0.5, (n, num_t))
+    rd = likelihood.rate_distortion(terms, prior, mse, reverse_steps=(12, 7, 1))
+    for row in rd["table"]:
+        k = row["reverse_step"]
+        t = num_t - k
+        rate = np.mean(prior) + sum(np.mean(terms[:, s]) for s in range(max(t, 1), num_t))
+        np.testing.assert_allclose(row["rate_bpd"], rate, rtol=1e-12)
+        np.testing.assert_allclose(row["distortion_rmse"], 127.5 * np.sqrt(mse[:, t].mean()),
+                                   rtol=1e-12)
+    np.testing.assert_allclose(rd["rate_bpd"] + rd["distortion_bpd"], rd["total_bpd"], rtol=1e-12)
+    np.testing.assert_allclose(rd["total_bpd"], np.mean(terms.sum(1) + prior), rtol=1e-12)
+    np.testing.assert_allclose(rd["distortion_bpd"], terms[:, 0].mean(), rtol=1e-12)
+    with pytest.raises(ValueError, match="reverse_steps"):
+        likelihood.rate_distortion(terms, prior, mse, reverse_steps=(13,))
+    with pytest.raises(ValueError, match="agree"):
+        likelihood.rate_distortion(terms, prior[:2], mse)
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    """A tiny U-Net trained for TRAIN_STEPS steps on the digits with L_simple."""
+    config = UNetConfig(ch=32, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                        dropout=0.0, resamp_with_conv=True)
+    model = UNet(config)
+    s = diffusion.make_schedule(schedules.get_beta_schedule("linear"))
+    images, _ = input_pipeline.load_numpy({"name": "digits", "image_size": 8}, "train")
+    data = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    key = jax.random.key(0)
+    params = model.init(jax.random.fold_in(key, 0), data[:2], jnp.zeros(2, jnp.int32))["params"]
+    opt = optax.adam(2e-3)
+
+    @jax.jit
+    def train(params, train_key):
+        def step(carry, i):
+            params, opt_state = carry
+            kb, kt, kn = jax.random.split(jax.random.fold_in(train_key, i), 3)
+            x = data[jax.random.randint(kb, (32,), 0, data.shape[0])]
+            t = jax.random.randint(kt, (32,), 0, s.num_timesteps)
+            noise = jax.random.normal(kn, x.shape)
+
+            def loss_fn(p):
+                fn = lambda xt, tt: model.apply({"params": p}, xt, tt)
+                return diffusion.training_losses(s, fn, x, t, noise, mean_type="eps",
+                                                 var_type="fixedlarge", loss_type="mse").mean()
+
+            grads = jax.grad(loss_fn)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(TRAIN_STEPS))
+        return params
+
+    params = train(params, jax.random.fold_in(key, 1))
+    meta = {"model": config.to_dict(),
+            "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                          "num_timesteps": 1000, "mean_type": "eps", "var_type": "fixedlarge"},
+            "data": {"image_size": 8, "channels": 1}, "step": TRAIN_STEPS}
+    test_images, _ = input_pipeline.load_numpy({"name": "digits", "image_size": 8}, "test")
+    return params, meta, test_images[:8]
+
+
+def test_bpd_of_trained_digits_model_is_finite_and_well_below_uniform(trained_digits):
+    params, meta, images = trained_digits
+    evaluator = likelihood.BpdEvaluator(params, meta, batch_size=8)
+    out = evaluator(images, jax.random.key(2))
+    assert out["terms_bpd"].shape == (8, 1000) and out["mse"].shape == (8, 1000)
+    assert np.all(np.isfinite(out["total_bpd"]))
+    np.testing.assert_allclose(out["total_bpd"],
+                               out["terms_bpd"].astype(np.float64).sum(1) + out["prior_bpd"],
+                               rtol=1e-5)
+    # A uniform model over 256 levels costs 8 bits/dim.
+    assert np.mean(out["total_bpd"]) < 6.5, np.mean(out["total_bpd"])
+    # Closed form of the prior term: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) per dim.
+    abar = np.cumprod(1 - schedules.get_beta_schedule("linear"))[-1]
+    x0 = images.astype(np.float64) / 127.5 - 1
+    kl = 0.5 * (-np.log(1 - abar) + (1 - abar) + abar * x0**2 - 1)
+    np.testing.assert_allclose(out["prior_bpd"], kl.mean((1, 2, 3)) / np.log(2), rtol=1e-3,
+                               atol=1e-7)
+
+    # Example i always uses fold_in(key, i), whatever batch or device it lands on.
+    part = evaluator(images[3:6], jax.random.key(2), start_index=3)
+    np.testing.assert_allclose(part["terms_bpd"], out["terms_bpd"][3:6], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        evaluator(images.astype(np.float32), jax.random.key(2))
+
+
+def test_bpd_command(trained_digits, tmp_path):
+    from ddpm_jax import checkpoint
+    from ddpm_jax.metrics import cli
+
+    params, meta, images = trained_digits
+    checkpoint.save_params(str(tmp_path / "ckpt"), params, meta=meta)
+    out = tmp_path / "res" / "bpd.json"
+    cli.main(["bpd", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", "digits",
+              "--split", "test", "--max_images", "8", "--batch_size", "8", "--seed", "2",
+              "--out", str(out)])
+    result = json.loads(out.read_text())
+    direct = likelihood.BpdEvaluator(params, meta, batch_size=8)(images, jax.random.key(2))
+    assert result["num_images"] == 8
+    np.testing.assert_allclose(result["bpd"], np.mean(direct["total_bpd"]), rtol=1e-5)
+    assert [r["reverse_step"] for r in result["rate_distortion"]] == list(
+        likelihood.DEFAULT_REVERSE_STEPS)
+    with np.load(result["terms"]) as terms:
+        assert terms["terms_bpd_mean"].shape == (1000,)
+        np.testing.assert_allclose(terms["total_bpd"], direct["total_bpd"], rtol=1e-5)
