@@ -1,0 +1,188 @@
+"""Tests for ddpm_jax.checkpoint: the inference format, fallback, resume after SIGTERM / kill -9."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpoint, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _test_config():
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "test.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _tree(seed):
+    rng = np.random.default_rng(seed)
+    return {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+                     "bias": rng.normal(size=(4,)).astype(np.float32)},
+            "dense": {"kernel": rng.normal(size=(5, 2)).astype(np.float32)}}
+
+
+def test_meta_from_config():
+    c = _test_config()
+    meta = checkpoint.meta_from_config(c, step=7)
+    assert meta["step"] == 7
+    assert meta["data"] == {"image_size": 8, "channels": 1}
+    assert meta["diffusion"] == {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                                 "num_timesteps": 20, "mean_type": "eps",
+                                 "var_type": "fixedlarge"}
+    assert meta["model"]["ch"] == 32 and meta["model"]["out_ch"] == 1
+    assert meta["model"]["dtype"] == "float32" and meta["model"]["ch_mult"] == [1, 2]
+    c.diffusion.var_type = "learned_range"
+    assert checkpoint.meta_from_config(c)["model"]["out_ch"] == 2
+    json.dumps(meta)
+
+
+def test_save_and_load_params(tmp_path):
+    params = _tree(0)
+    meta = {"step": 3, "model": {"ch": 32}}
+    checkpoint.save_params(str(tmp_path / "export"), params, meta=meta)
+    loaded, loaded_meta = checkpoint.load_params(str(tmp_path / "export"))
+    assert loaded_meta == meta
+    chex.assert_trees_all_equal(loaded, params)
+    assert isinstance(loaded["conv"]["kernel"], np.ndarray)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        checkpoint.load_params(str(tmp_path / "nothing"))
+
+
+def _save_steps(directory, steps, **kw):
+    dp = parallel.DataParallel()
+    with checkpoint.TrainCheckpointer(directory, **kw) as ckpt:
+        for s in steps:
+            state = {"step": np.int32(s), "params": _tree(s), "ema_params": _tree(100 + s)}
+            ckpt.save(s, dp.replicate(state), {"step": s, "inference": {"step": s}})
+    return dp
+
+
+def test_keep_last_n_and_load_params_from_workdir(tmp_path):
+    _save_steps(str(tmp_path / "checkpoints"), [1, 2, 3], max_to_keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    params, meta = checkpoint.load_params(str(tmp_path))
+    chex.assert_trees_all_equal(params, _tree(103))
+    assert meta == {"step": 3}
+
+
+def _break(directory, step):
+    """Deletes the array data of one checkpoint (a corrupt / partial write)."""
+    state_dir = os.path.join(directory, str(step), "state")
+    for name in os.listdir(state_dir):
+        if name.startswith(("ocdbt", "d")) and os.path.isdir(os.path.join(state_dir, name)):
+            shutil.rmtree(os.path.join(state_dir, name))
+
+
+def test_corrupt_newest_falls_back_without_deleting(tmp_path, caplog):
+    directory = str(tmp_path / "checkpoints")
+    dp = _save_steps(directory, [10, 20])
+    _break(directory, 20)
+    target = dp.replicate({"step": np.int32(0), "params": _tree(0), "ema_params": _tree(0)})
+    with checkpoint.TrainCheckpointer(directory) as ckpt:
+        state, meta = ckpt.restore(target)
+        assert ckpt.all_steps() == [10]
+    assert meta["step"] == 10 and int(np.asarray(state["step"])) == 10
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state["params"]), _tree(10))
+    assert "falling back" in caplog.text
+    # The broken one is set aside (not deleted), so step 20 can be written again.
+    assert sorted(os.listdir(directory)) == ["10", "corrupt-20"]
+
+
+def test_nothing_restores_raises_and_moves_nothing(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    dp = _save_steps(directory, [1, 2])
+    wrong = dp.replicate({"step": np.int32(0), "params": {"other": np.zeros(3, np.float32)}})
+    with checkpoint.TrainCheckpointer(directory) as ckpt, pytest.raises(ValueError,
+                                                                        match="new workdir"):
+        ckpt.restore(wrong)
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_keep_checkpoints_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        checkpoint.TrainCheckpointer(str(tmp_path), max_to_keep=0)
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+
+FAULT_OVERRIDES = ["--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+                   "--config.training.steps_per_call=2", "--config.training.checkpoint_every=2",
+                   "--config.training.keep_checkpoints=50", "--config.training.num_samples=0"]
+
+
+def _fault_config(num_train_steps):
+    c = _test_config()
+    c.model.ch_mult = (1,)
+    c.model.attn_resolutions = ()
+    c.training.steps_per_call = 2
+    c.training.checkpoint_every = 2
+    c.training.keep_checkpoints = 50
+    c.training.num_samples = 0
+    c.training.num_train_steps = num_train_steps
+    return c
+
+
+def _start(workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "run_train.py", "--config", "configs/test.py", "--workdir", workdir,
+           "--config.training.num_train_steps=100000", *FAULT_OVERRIDES]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for_checkpoint_after(proc, workdir, after, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s > after for s in _steps(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def test_sigterm_then_kill9_then_resume_matches_uninterrupted(tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    # 1) SIGTERM (preemption): a checkpoint at the current step, then exit code 143.
+    proc = _start(workdir)
+    _wait_for_checkpoint_after(proc, workdir, 0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    preempted_at = _steps(workdir)[-1]
+    assert "preemption" in err
+    # 2) Resume, then kill -9 mid-training once a newer checkpoint exists.
+    proc = _start(workdir)
+    _wait_for_checkpoint_after(proc, workdir, preempted_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = _steps(workdir)[-1]
+    assert killed_at > preempted_at
+    # 3) Resume in this process to step N; compare with a run that was never interrupted.
+    total = killed_at + 4
+    resumed = train.train_and_evaluate(_fault_config(total), workdir)
+    straight = train.train_and_evaluate(_fault_config(total), str(tmp_path / "straight"))
+    assert int(np.asarray(resumed.step)) == int(np.asarray(straight.step)) == total
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, resumed.params),
+                                jax.tree.map(np.asarray, straight.params), rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, resumed.opt_state),
+                                jax.tree.map(np.asarray, straight.opt_state), rtol=1e-6,
+                                atol=1e-7)
