@@ -1,0 +1,145 @@
+"""Tests for configs/*.py: the paper's numbers, the overrides, validation, the entry point."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddpm_jax import train, unet
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+ALL = ("default", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits",
+       "test")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIG_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_config_validates_and_documents_itself(name):
+    module = load(name)
+    train.validate_config(module.get_config())
+    doc = module.__doc__
+    assert "run_train.py" in doc  # the command
+    assert "Expected result" in doc and "ime" in doc  # the result and the time
+
+
+def test_default_is_the_cifar10_paper_run():
+    c = load("default").get_config()
+    assert (c.data.name, c.data.image_size, c.data.channels, c.data.random_flip) == (
+        "cifar10", 32, 3, True)
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert tuple(c.model.attn_resolutions) == (16,) and c.model.dropout == 0.1
+    assert c.model.resamp_with_conv and c.model.dtype == "float32"
+    d = c.diffusion
+    assert (d.beta_schedule, d.beta_start, d.beta_end, d.num_timesteps) == (
+        "linear", 1e-4, 0.02, 1000)
+    assert (d.mean_type, d.var_type, d.loss_type) == ("eps", "fixedlarge", "mse")
+    o = c.optim
+    assert (o.lr, o.warmup_steps, o.beta1, o.beta2, o.eps, o.grad_clip) == (
+        2e-4, 5000, 0.9, 0.999, 1e-8, 1.0)
+    t = c.training
+    assert (t.batch_size, t.num_train_steps, t.ema_decay) == (128, 800_000, 0.9999)
+    assert c.parallelism == "shard_map"
+
+
+@pytest.mark.parametrize("name,data,flip,steps", [
+    ("celebahq256", "celeb_a_hq", True, 500_000),
+    ("lsun_church256", "lsun_church", True, 1_200_000),
+    ("lsun_bedroom256", "lsun_bedroom", False, 2_400_000),
+    ("lsun_cat256", "lsun_cat", True, 1_800_000),
+])
+def test_256_configs_override_default(name, data, flip, steps):
+    base = load("default").get_config()
+    c = load(name).get_config()
+    assert (c.data.name, c.data.image_size, c.data.random_flip) == (data, 256, flip)
+    assert tuple(c.model.ch_mult) == (1, 1, 2, 2, 4, 4) and c.model.dropout == 0.0
+    assert (c.optim.lr, c.training.batch_size, c.training.num_train_steps) == (2e-5, 64, steps)
+    assert c.diffusion.var_type == "fixedsmall"
+    # Unchanged from the CIFAR-10 run.
+    assert c.model.ch == base.model.ch == 128 and c.optim.warmup_steps == 5000
+    assert c.optim.grad_clip == 1.0 and c.training.ema_decay == 0.9999
+
+
+def _num_params(config):
+    shapes = unet.param_shapes(train.unet_config(config), config.data.image_size,
+                               config.data.channels)
+    return sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(shapes))
+
+
+def test_paper_parameter_counts():
+    assert _num_params(load("default").get_config()) == 35_746_307
+    assert _num_params(load("lsun_church256").get_config()) == 113_673_219
+
+
+def test_digits_config_is_small_and_native():
+    c = load("digits").get_config()
+    assert (c.data.name, c.data.image_size, c.data.channels, c.data.random_flip) == (
+        "digits", 8, 1, False)
+    assert _num_params(c) < 5_000_000
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    ("data", "name", "mnist", "data.name"),
+    ("diffusion", "loss_type", "l1", "loss_type"),
+    ("diffusion", "var_type", "learned_big", "var_type"),
+    ("sampling", "sampler", "euler", "sampler"),
+    ("data", "image_size", 12, "image size 12"),
+    ("model", "attn_resolutions", (3,), "attn_resolutions"),
+    ("training", "steps_per_call", 0, "steps_per_call"),
+])
+def test_bad_values_raise_valueerror(section, field, value, match):
+    c = load("test").get_config()
+    c[section][field] = value
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(c)
+
+
+def test_unknown_fields_raise_valueerror():
+    c = load("test").get_config()
+    c.training.unlocked_typo = 1
+    with pytest.raises(ValueError, match="training.unlocked_typo"):
+        train.validate_config(c)
+    c = load("test").get_config()
+    c.optimizer = {"lr": 1.0}
+    with pytest.raises(ValueError, match="optimizer"):
+        train.validate_config(c)
+    c = load("test").get_config()
+    c.parallelism = "dp"
+    with pytest.raises(ValueError, match="pmap"):
+        train.validate_config(c)
+
+
+PARSE = """
+import sys
+sys.argv = ["run_train.py", *sys.argv[1:]]
+import run_train
+run_train.FLAGS(sys.argv)
+c = run_train.FLAGS.config
+print(run_train.FLAGS["config"].config_filename, c.data.name, c.training.batch_size)
+"""
+
+
+def _parse(*args):
+    # A fresh interpreter: ml_collections registers the override flags from sys.argv at import.
+    # (run_train imports only absl and ml_collections at the top, so this is quick.)
+    return subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", PARSE,
+                           *args], cwd=CONFIG_DIR.parent, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_run_train_flags_default_and_override():
+    out = _parse("--config.training.batch_size=64")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(CONFIG_DIR / "digits.py"), "digits", "64"]
+    out = _parse("--config", "configs/default.py")
+    assert out.stdout.split()[1:] == ["cifar10", "128"], out.stderr
+    out = _parse("--config.training.no_such_field=1")
+    assert out.returncode != 0 and "no_such_field" in out.stderr
