@@ -143,3 +143,17 @@ def test_run_train_flags_default_and_override():
     assert out.stdout.split()[1:] == ["cifar10", "128"], out.stderr
     out = _parse("--config.training.no_such_field=1")
     assert out.returncode != 0 and "no_such_field" in out.stderr
+
+
+def test_digits_quality_judge_accepts_real_digits_and_rejects_noise():
+    from sklearn.datasets import load_digits
+
+    from ddpm_jax import digits_quality
+
+    d = load_digits()
+    real = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    ok = digits_quality.score(real[-400:])
+    assert ok["confident"] >= 0.9 and ok["max_class_share"] <= 0.15
+    assert ok["real_heldout_accuracy"] > 0.95
+    blank = np.zeros((400, 8, 8, 1), np.uint8)
+    assert digits_quality.score(blank)["max_class_share"] == 1.0  # one class: rejected
