@@ -145,7 +145,7 @@ def test_run_train_flags_default_and_override():
     assert out.returncode != 0 and "no_such_field" in out.stderr
 
 
-def test_digits_quality_judge_accepts_real_digits_and_rejects_noise():
+def test_digits_quality_judge_accepts_real_digits_and_rejects_one_class():
     from sklearn.datasets import load_digits
 
     from ddpm_jax import digits_quality
