@@ -7,12 +7,13 @@ Command (from the repository root; writes ./runs/digits):
 Data: scikit-learn's 8x8 digits (1,500 training images, shipped with
 scikit-learn, no download), one channel scaled to 0..255, no flips.
 
-Hardware and time: 2 CPU cores. The train step runs at about 4.8 steps/s
+Hardware and time: 2 CPU cores. The train step runs at about 5.6 steps/s
 (batch 128) on an otherwise idle 2-core machine, so the 2,500 steps take
-about 9 minutes, plus about a minute for start-up, compilation and the final
-64 samples (1000 DDPM steps). On a busy machine it takes longer (16.5 minutes
-measured with a load average of 8-12 on 2 cores). For a shorter run, e.g.
---config.training.num_train_steps=1800 (about 7 minutes).
+about 7.5 minutes, plus about a minute for start-up, compilation and the final
+64 samples (1000 DDPM steps): about 8.5 minutes. Measured: 10 min 18 s wall
+on a shared 2-core machine (load average 1.7-5 from other jobs; 16.5 minutes
+at a load average of 8-12). For a shorter run, e.g.
+--config.training.num_train_steps=1800.
 
 Expected result: samples/step_*.png shows recognizable digits. Measured with
 ``python -m ddpm_jax.digits_quality runs/digits`` (1,000 DDPM samples, 1000
