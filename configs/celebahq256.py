@@ -16,23 +16,14 @@ sample quality like the paper's Figure 1 (EMA weights, 50,000 samples, 1000
 DDPM steps with the fixedsmall variance).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("ddpm_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ddpm_jax.config_lib import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     """CelebA-HQ 256: the CIFAR-10 config with the paper's 256x256 changes."""
-    config = _default_config()
+    config = base_config(__file__, "default")
     config.data.name = "celeb_a_hq"
     config.data.image_size = 256
     config.data.random_flip = True

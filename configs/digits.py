@@ -22,23 +22,14 @@ get a class with probability >= 0.8 (real held-out digits: 98.2%), and the
 classes get 8.2%-11.4% of the samples each.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("ddpm_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ddpm_jax.config_lib import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     """A small U-Net on the 8x8 digits."""
-    config = _default_config()
+    config = base_config(__file__, "default")
     config.data.name = "digits"
     config.data.image_size = 8
     config.data.channels = 1

@@ -15,39 +15,15 @@ Expected result: FID about 19.75 (paper) (EMA weights, 50,000 samples, 1000
 DDPM steps with the fixedsmall variance).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("ddpm_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ddpm_jax.config_lib import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """LSUN Cat 256: the CIFAR-10 config with the paper's 256x256 changes."""
-    config = _default_config()
+    """LSUN Cat 256: the CelebA-HQ 256 config on another data set."""
+    config = base_config(__file__, "celebahq256")
     config.data.name = "lsun_cat"
-    config.data.image_size = 256
     config.data.random_flip = True
-    config.data.shuffle_buffer = 10_000
-
-    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-    config.model.dropout = 0.0
-
-    config.diffusion.var_type = "fixedsmall"
-
-    config.optim.lr = 2e-5
-
-    config.training.batch_size = 64
     config.training.num_train_steps = 1_800_000
-    config.training.steps_per_call = 1
-    config.training.checkpoint_every = 5_000
-    config.training.sample_every = 50_000
-    config.training.num_samples = 16
     return config

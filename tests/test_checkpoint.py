@@ -1,6 +1,5 @@
 """Tests for ddpm_jax.checkpoint: the inference format, fallback, resume after SIGTERM / kill -9."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,15 +14,13 @@ import numpy as np
 import pytest
 
 from ddpm_jax import checkpoint, parallel, train
+from ddpm_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _test_config():
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "test.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(os.path.join(REPO, "configs", "test.py"))
 
 
 def _tree(seed):

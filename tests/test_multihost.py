@@ -17,20 +17,19 @@ import jax
 import numpy as np
 
 from ddpm_jax import checkpoint, train
+from ddpm_jax.config_lib import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
     import importlib.util, sys
     from ddpm_jax import parallel, train
+    from ddpm_jax.config_lib import load_config
     address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     parallel.initialize_distributed(address, 2, pid)
     import jax
     assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
-    spec = importlib.util.spec_from_file_location("cfg", "configs/test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("configs/test.py")
     {overrides}
     train.train_and_evaluate(config, workdir)
 """)
@@ -39,12 +38,7 @@ OVERRIDES = dict(num_train_steps=4, steps_per_call=2, checkpoint_every=2, num_sa
 
 
 def _tiny():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "test.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(os.path.join(REPO, "configs", "test.py"))
     c.model.ch_mult = (1,)
     c.model.attn_resolutions = ()
     # Params whose gradient is rounding noise (biases before a GroupNorm) get Adam steps of

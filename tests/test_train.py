@@ -1,7 +1,6 @@
 """Tests for ddpm_jax.train on 8 fake CPU devices, with a minimal U-Net config."""
 
 import functools
-import importlib.util
 import os
 import pathlib
 
@@ -12,16 +11,14 @@ import numpy as np
 import pytest
 
 from ddpm_jax import checkpoint, diffusion, parallel, schedules, summary, train
+from ddpm_jax.config_lib import load_config
 from ddpm_jax.unet import UNet
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_config(**training):
-    spec = importlib.util.spec_from_file_location("cfg_test", CONFIG_DIR / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(CONFIG_DIR / "test.py")
     c.model.ch_mult = (1,)
     c.model.attn_resolutions = ()
     c.model.dropout = 0.0
