@@ -53,27 +53,26 @@ def trained_digits():
     opt = optax.adam(2e-3)
 
     @jax.jit
-    def train(params, train_key):
-        def step(carry, i):
-            params, opt_state = carry
-            kb, kt, kn = jax.random.split(jax.random.fold_in(train_key, i), 3)
-            x = data[jax.random.randint(kb, (32,), 0, data.shape[0])]
-            t = jax.random.randint(kt, (32,), 0, s.num_timesteps)
-            noise = jax.random.normal(kn, x.shape)
+    def step(params, opt_state, step_key):
+        # A jitted step in a Python loop: on CPU, gradients inside a rolled lax.scan are slow.
+        kb, kt, kn = jax.random.split(step_key, 3)
+        x = data[jax.random.randint(kb, (32,), 0, data.shape[0])]
+        t = jax.random.randint(kt, (32,), 0, s.num_timesteps)
+        noise = jax.random.normal(kn, x.shape)
 
-            def loss_fn(p):
-                fn = lambda xt, tt: model.apply({"params": p}, xt, tt)
-                return diffusion.training_losses(s, fn, x, t, noise, mean_type="eps",
-                                                 var_type="fixedlarge", loss_type="mse").mean()
+        def loss_fn(p):
+            fn = lambda xt, tt: model.apply({"params": p}, xt, tt)
+            return diffusion.training_losses(s, fn, x, t, noise, mean_type="eps",
+                                             var_type="fixedlarge", loss_type="mse").mean()
 
-            grads = jax.grad(loss_fn)(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
-        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(TRAIN_STEPS))
-        return params
-
-    params = train(params, jax.random.fold_in(key, 1))
+    opt_state = opt.init(params)
+    train_key = jax.random.fold_in(key, 1)
+    for i in range(TRAIN_STEPS):
+        params, opt_state = step(params, opt_state, jax.random.fold_in(train_key, i))
     meta = {"model": config.to_dict(),
             "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                           "num_timesteps": 1000, "mean_type": "eps", "var_type": "fixedlarge"},
