@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, generate, schedules
 from ddpm_jax.unet import UNet, UNetConfig
 
 DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
@@ -40,15 +40,7 @@ DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 
 def model_and_schedule(meta: Mapping[str, Any]) -> tuple[UNet, diffusion.Schedule]:
     """The U-Net and schedule described by a checkpoint's meta (see ``checkpoint.load_params``)."""
-    d = meta["diffusion"]
-    model_cfg = dict(meta["model"])
-    learned = d["var_type"] in diffusion.LEARNED_VAR_TYPES
-    out_ch = model_cfg.pop("out_ch", int(meta["data"]["channels"]) * (2 if learned else 1))
-    model = UNet(UNetConfig.from_config(model_cfg, out_ch=int(out_ch)))
-    betas = schedules.get_beta_schedule(
-        d["beta_schedule"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-        num_timesteps=d["num_timesteps"])
-    return model, diffusion.make_schedule(betas)
+    return generate.build_model(meta), generate.build_schedule(meta)
 
 
 @functools.lru_cache(maxsize=4)
