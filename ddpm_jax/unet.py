@@ -43,10 +43,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import conv as conv_lib
+
 NUM_GROUPS = 32
 NORM_EPS = 1e-6
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# UNetConfig.remat -> the jax.checkpoint policy around each residual block.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -86,6 +95,13 @@ class UNetConfig:
         (the last one is the null class for classifier-free guidance) is added
         to the timestep embedding.
       dtype: computation dtype, jnp.float32 or jnp.bfloat16 (or their names).
+      remat: rematerialization of the residual blocks in the backward pass,
+        one of REMAT_POLICIES: "none" keeps every activation; "full"
+        recomputes each block from its input (``jax.checkpoint`` with
+        ``nothing_saveable``); "dots" keeps the outputs of convolutions and
+        matrix products and recomputes the norms, activations and dropout
+        (``dots_saveable``). The loss and the gradients are the same; the
+        memory of the backward pass is lower, the compute higher.
     """
 
     ch: int = 128
@@ -97,6 +113,7 @@ class UNetConfig:
     resamp_with_conv: bool = True
     num_classes: int | None = None
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -125,6 +142,10 @@ class UNetConfig:
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"UNetConfig.remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}."
+            )
         if self.num_classes is not None and int(self.num_classes) < 1:
             raise ValueError(
                 f"UNetConfig.num_classes must be None or >= 1, got {self.num_classes}."
@@ -181,7 +202,7 @@ class UNetConfig:
             raise ValueError(
                 f"unknown keys {unknown} in the model config; allowed: {sorted(fields)}."
             )
-        required = fields - {"num_classes", "dtype"}
+        required = fields - {"num_classes", "dtype", "remat"}
         missing = sorted(required - set(cfg))
         if missing:
             raise ValueError(f"the model config lacks the keys {missing}.")
@@ -250,7 +271,8 @@ def _norm(name: str, dtype: Any, act: bool) -> GroupNorm:
 def _conv(features: int, name: str, dtype: Any, *, init_scale: float = 1.0, **kw) -> nn.Conv:
     return nn.Conv(
         features, (3, 3), padding=kw.pop("padding", ((1, 1), (1, 1))), dtype=dtype,
-        kernel_init=default_init(init_scale), name=name, **kw,
+        kernel_init=default_init(init_scale), name=name,
+        conv_general_dilated=conv_lib.conv_general_dilated, **kw,
     )
 
 
@@ -269,7 +291,7 @@ class ResnetBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
         h = _norm("norm1", self.dtype, True)(x)
         h = _conv(self.out_ch, "conv1", self.dtype)(h)
         h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb))[:, None, None, :]
@@ -326,6 +348,15 @@ class Upsample(nn.Module):
         return x
 
 
+def _resblock(cfg: UNetConfig, out_ch: int, name: str) -> nn.Module:
+    """A ResnetBlock, wrapped in ``nn.remat`` with the configured policy (same params)."""
+    if cfg.remat == "none":
+        return ResnetBlock(out_ch, cfg.dropout, cfg.dtype, name=name)
+    # static_argnums counts self as 0: (x, temb, train) are 1, 2, 3.
+    block = nn.remat(ResnetBlock, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
+    return block(out_ch, cfg.dropout, cfg.dtype, name=name)
+
+
 class DownLevel(nn.Module):
     """num_res_blocks residual blocks (+ attention), then an optional downsample.
 
@@ -343,7 +374,7 @@ class DownLevel(nn.Module):
         out_ch = cfg.ch * cfg.ch_mult[self.level]
         hs = []
         for j in range(cfg.num_res_blocks):
-            h = ResnetBlock(out_ch, cfg.dropout, cfg.dtype, name=f"block_{j}")(h, temb, train=train)
+            h = _resblock(cfg, out_ch, f"block_{j}")(h, temb, train)
             if self.use_attn:
                 h = AttnBlock(cfg.dtype, name=f"attn_{j}")(h)
             hs.append(h)
@@ -368,7 +399,7 @@ class UpLevel(nn.Module):
         out_ch = cfg.ch * cfg.ch_mult[self.level]
         for j in range(cfg.num_res_blocks + 1):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock(out_ch, cfg.dropout, cfg.dtype, name=f"block_{j}")(h, temb, train=train)
+            h = _resblock(cfg, out_ch, f"block_{j}")(h, temb, train)
             if self.use_attn:
                 h = AttnBlock(cfg.dtype, name=f"attn_{j}")(h)
         if self.upsample:
@@ -469,9 +500,9 @@ class MidBlock(nn.Module):
     def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
         c = h.shape[-1]
-        h = ResnetBlock(c, cfg.dropout, cfg.dtype, name="block_1")(h, temb, train=train)
+        h = _resblock(cfg, c, "block_1")(h, temb, train)
         h = AttnBlock(cfg.dtype, name="attn_1")(h)
-        return ResnetBlock(c, cfg.dropout, cfg.dtype, name="block_2")(h, temb, train=train)
+        return _resblock(cfg, c, "block_2")(h, temb, train)
 
 
 def count_params(params: Any) -> int:

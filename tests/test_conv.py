@@ -1,0 +1,96 @@
+"""Tests for ddpm_jax.conv: values and gradients against float64 numpy, and the CPU fast path."""
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _np_conv_and_grads(x, w, r, stride, padding):
+    """y = conv(x, w) and the gradients of sum(y * r), by direct loops in float64."""
+    (plh, phh), (plw, phw) = padding
+    xp = np.pad(x, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+    kh, kw = w.shape[:2]
+    oh = (xp.shape[1] - kh) // stride + 1
+    ow = (xp.shape[2] - kw) // stride + 1
+    y = np.zeros((x.shape[0], oh, ow, w.shape[3]))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+            y += win @ w[i, j]
+            dw[i, j] = np.einsum("bhwc,bhwo->co", win, r)
+            dxp[:, i:i + (oh - 1) * stride + 1:stride,
+                j:j + (ow - 1) * stride + 1:stride] += r @ w[i, j].T
+    dx = dxp[:, plh:plh + x.shape[1], plw:plw + x.shape[2]]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("size,stride,padding", [
+    (8, 1, ((1, 1), (1, 1))),   # the U-Net's 3x3 convs
+    (8, 2, ((0, 1), (0, 1))),   # its downsampling (TF "SAME", stride 2)
+    (7, 2, ((0, 1), (0, 1))),   # odd size: the last row/column is never a window start
+    (6, 1, ((0, 0), (0, 0))),   # "VALID"
+])
+def test_values_and_gradients_match_float64(size, stride, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, size, size, 3))
+    w = rng.standard_normal((3, 3, 3, 5))
+    out = (size + sum(padding[0]) - 3) // stride + 1
+    r = rng.standard_normal((2, out, out, 5))
+    y_ref, dx_ref, dw_ref = _np_conv_and_grads(x, w, r, stride, padding)
+
+    def loss(x, w):
+        y = conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DN)
+        return jnp.sum(y * jnp.asarray(r, jnp.float32)), y
+
+    (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+
+
+def _conv_labels(compiled_text):
+    return collections.Counter(re.findall(r"dim_labels=([^ ,\n]+)", compiled_text))
+
+
+def test_gradients_inside_a_loop_stay_canonical_on_cpu():
+    """XLA:CPU leaves loop-body convolutions uncanonicalized; ours are canonical already."""
+    w = jnp.ones((3, 3, 4, 4), jnp.float32)
+    x = jnp.ones((3, 2, 8, 8, 4), jnp.float32)
+
+    def steps(conv_fn):
+        def body(w, x):
+            g = jax.grad(lambda w: jnp.sum(conv_fn(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=DN) ** 2))(w)
+            return w - 1e-3 * g, None
+
+        return jax.jit(lambda w, x: jax.lax.scan(body, w, x)[0]).lower(w, x).compile().as_text()
+
+    ours = _conv_labels(steps(conv.conv_general_dilated))
+    plain = _conv_labels(steps(jax.lax.conv_general_dilated))
+    assert set(ours) == {"b01f_01io->b01f"}, ours
+    # The premise: the plain convolution's gradient keeps another order inside the loop.
+    assert set(plain) - {"b01f_01io->b01f"}, plain
+
+
+def test_other_convolutions_take_the_standard_path():
+    x = jnp.ones((1, 6, 6, 2))
+    w = jnp.ones((3, 3, 2, 2))
+    dilated = conv.conv_general_dilated(x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2),
+                                        dimension_numbers=DN)
+    expected = jax.lax.conv_general_dilated(x, w, (1, 1), ((2, 2), (2, 2)),
+                                            rhs_dilation=(2, 2), dimension_numbers=DN)
+    np.testing.assert_array_equal(dilated, expected)
+    same = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    np.testing.assert_array_equal(same, jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=DN))
