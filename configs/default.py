@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.num_classes = ml_collections.config_dict.placeholder(int)
     model.dtype = "float32"  # or "bfloat16" (mixed precision; params stay float32)
+    model.remat = "none"  # or "full" / "dots": recompute residual blocks to save memory
 
     config.diffusion = diff = ml_collections.ConfigDict()
     diff.beta_schedule = "linear"

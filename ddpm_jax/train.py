@@ -7,8 +7,8 @@ device and every process draws different noise), computes the configured loss
 (`diffusion.training_losses`) and its gradient, averages the gradient with
 ``lax.pmean`` over "data", clips it to a global norm, applies Adam with a
 linear warm-up, and updates the EMA of the params after every step.
-`make_train_fn` runs ``training.steps_per_call`` such steps per dispatch in a
-``lax.scan`` (unrolled on CPU, see `multi_step`) and compiles the result with
+`make_train_fn` runs ``training.steps_per_call`` such steps per dispatch (one
+step with no loop around it, or a ``lax.scan``, see `multi_step`) and compiles the result with
 `parallel.DataParallel` (``jax.jit(jax.shard_map(...))`` or ``jax.pmap``),
 donating the state.
 
@@ -58,7 +58,7 @@ CONFIG_FIELDS: dict[str, tuple[str, ...] | None] = {
     "data": ("name", "path", "data_dir", "image_size", "channels", "random_flip",
              "shuffle_buffer"),
     "model": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-              "resamp_with_conv", "num_classes", "dtype"),
+              "resamp_with_conv", "num_classes", "dtype", "remat"),
     "diffusion": ("beta_schedule", "beta_start", "beta_end", "num_timesteps", "mean_type",
                   "var_type", "loss_type"),
     "optim": ("lr", "warmup_steps", "beta1", "beta2", "eps", "grad_clip", "clip_per_replica"),
@@ -170,18 +170,26 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
     return optax.adam(learning_rate_fn(config), b1=o.beta1, b2=o.beta2, eps=o.eps)
 
 
-def create_train_state(config: Any, key: jax.Array) -> TrainState:
-    """Initial state (params drawn with key, EMA = params, fresh Adam), on the host."""
+def init_train_state(config: Any, key: jax.Array) -> TrainState:
+    """The initial state (params drawn with key, EMA = params, fresh Adam) as a pure function.
+
+    jit-able and ``jax.eval_shape``-able: ``jax.eval_shape(functools.partial(
+    init_train_state, config), key)`` gives the state's shapes without computing it.
+    """
     model = UNet(unet_config(config))
     size, channels = config.data.image_size, config.data.channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
+    params = model.init(key, x, t)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=make_optimizer(config).init(params))
+
+
+def create_train_state(config: Any, key: jax.Array) -> TrainState:
+    """`init_train_state` computed on the host CPU, as numpy arrays."""
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        params = jax.jit(lambda k: model.init(k, x, t)["params"])(key)
-    params = jax.tree.map(np.asarray, params)
-    opt_state = jax.tree.map(np.asarray, make_optimizer(config).init(params))
-    return TrainState(step=np.zeros((), np.int32), params=params, ema_params=params,
-                      opt_state=opt_state)
+        state = jax.jit(functools.partial(init_train_state, config))(key)
+    return jax.tree.map(np.asarray, state)
 
 
 # --------------------------------------------------------------------------- the step
@@ -254,15 +262,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
 
 def multi_step(state: TrainState, batches: dict[str, jax.Array], key_data: jax.Array, *,
                model: UNet, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-    """k train steps in a lax.scan; batches leaves are [k, b, ...]; metrics come out [k].
+    """k train steps in one call; batches leaves are [k, b, ...]; metrics come out [k].
 
-    On CPU the scan is unrolled: XLA:CPU runs a gradient computation inside a
-    rolled loop an order of magnitude slower (measured on the digits U-Net:
-    4.7 s instead of 0.2 s per step) and compiles it more slowly too.
+    k = 1 is the step itself, with no loop around it. k > 1 is a rolled
+    ``lax.scan`` over the steps, one dispatch and one compiled step body
+    whatever k is. On XLA:CPU the step's convolutions stay on the fast path
+    inside the loop only because `ddpm_jax.conv` writes their gradients in
+    canonical form (its docstring says why).
     """
     key = jax.random.wrap_key_data(key_data)
     step = functools.partial(train_step, key=key, model=model, config=config)
-    return jax.lax.scan(step, state, batches, unroll=jax.default_backend() == "cpu")
+    if jax.tree.leaves(batches)[0].shape[0] == 1:
+        state, metrics = step(state, jax.tree.map(lambda x: x[0], batches))
+        return state, jax.tree.map(lambda m: jnp.asarray(m)[None], metrics)
+    return jax.lax.scan(step, state, batches)
 
 
 def make_train_fn(config: Any, dp: parallel.DataParallel) -> Callable:

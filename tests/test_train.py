@@ -68,6 +68,19 @@ def test_shard_map_and_pmap_agree_and_compile_once():
     assert max(moved) > 0
 
 
+def test_steps_per_call_is_the_same_training():
+    """k = 3 steps in one call (a rolled scan) = three calls of one step (no loop)."""
+    batches = _batches(1, 3, 16, seed=5)
+    one_call, m3 = _run(tiny_config(steps_per_call=3), "shard_map", batches)
+    split = [{k: v[i:i + 1] for k, v in batches[0].items()} for i in range(3)]
+    three_calls, m1 = _run(tiny_config(steps_per_call=1), "shard_map", split)
+    assert int(one_call.step) == int(three_calls.step) == 3
+    chex.assert_trees_all_close(one_call.params, three_calls.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one_call.ema_params, three_calls.ema_params, rtol=1e-5,
+                                atol=1e-6)
+    assert m3["loss"].shape == (3,) and m1["loss"].shape == (1,)
+
+
 def _reference_update(config, batch, clip_per_replica):
     """One step by hand: per-device losses/grads on a single device, then clip, Adam, EMA."""
     model = UNet(train.unet_config(config))
