@@ -105,16 +105,35 @@ class DataParallel:
       num_local_devices: devices of this process.
     """
 
-    def __init__(self, parallelism: str = "shard_map"):
+    def __init__(self, parallelism: str = "shard_map", devices: list | None = None):
+        """Builds the 1-D mesh.
+
+        Args:
+          parallelism: "shard_map" or "pmap".
+          devices: the devices of the mesh, default ``jax.devices()``. Other
+            devices, e.g. the compile-only devices of a TPU topology
+            (``jax.experimental.topologies``), make a step that can be lowered
+            and compiled ahead of time for them (benchmarks/tpu_aot.py).
+        """
         if parallelism not in PARALLELISMS:
             raise ValueError(
                 f"config.parallelism={parallelism!r} is unknown; allowed: {PARALLELISMS}."
             )
         self.parallelism = parallelism
-        self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
-        self.num_devices = jax.device_count()
-        self.num_local_devices = jax.local_device_count()
-        self._local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
+        self._pmap_devices = None
+        if devices is None:
+            self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+            self.num_devices = jax.device_count()
+            self.num_local_devices = jax.local_device_count()
+            self._local_mesh = Mesh(np.asarray(jax.local_devices()), (AXIS,))
+        else:
+            devices = list(devices)
+            local = [d for d in devices if d.process_index == jax.process_index()] or devices
+            self.mesh = Mesh(np.asarray(devices), (AXIS,))
+            self.num_devices = len(devices)
+            self.num_local_devices = len(local)
+            self._local_mesh = Mesh(np.asarray(local), (AXIS,))
+            self._pmap_devices = devices
 
     @property
     def replicated(self) -> NamedSharding:
@@ -201,7 +220,7 @@ class DataParallel:
         donate = (0,) if donate_state else ()
         if self.parallelism == "pmap":
             return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
-                            donate_argnums=donate)
+                            donate_argnums=donate, devices=self._pmap_devices)
         sharded = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P()),
                                 out_specs=(P(), P()))
         return jax.jit(sharded, donate_argnums=donate)
