@@ -1,12 +1,13 @@
 r"""Training throughput of the real train step (`ddpm_jax.train.make_train_fn`).
 
-Times the compiled multi-step call (steps_per_call train steps in one lax.scan, state
-donated, data parallel over all devices) on synthetic uint8 batches, so the input pipeline
-is not measured. FLOPs are 3x the forward pass of the global batch (forward + backward), from
-XLA's cost analysis. Prints one JSON line per batch size (also appended to --out).
+Times the compiled train call (steps_per_call train steps per dispatch: the step alone
+for 1, a lax.scan for more; state donated, data parallel over all devices) on synthetic
+uint8 batches, so the input pipeline is not measured. FLOPs are 3x the forward pass of the
+global batch (forward + backward), from XLA's cost analysis. Prints one JSON line per batch
+size (also appended to --out).
 
   python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
-      --config.training.steps_per_call=2 --out benchmarks/results/cpu.jsonl
+      --config.training.steps_per_call=4 --out benchmarks/results/cpu.jsonl
   # on a GPU, bf16 compute, and the largest batch that fits:
   python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
       --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl

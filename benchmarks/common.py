@@ -87,6 +87,7 @@ def emit(result: dict[str, Any], out: str | None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "device": device_info(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "versions": versions(),
         **result,
     }

@@ -70,6 +70,56 @@ def _time(fn, device, repeats):
     return times
 
 
+class Peer:
+    """The peer's model, optimizer, train step and forward pass on one device.
+
+    ``train_step(x0)`` is one L_simple + Adam + clip step on a batch of images in
+    [-1, 1]; ``forward(xt, t)`` one network evaluation without gradients.
+    """
+
+    def __init__(self, preset: str, precision: str = "fp32", compile_: bool = False,
+                 device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.preset = PRESETS[preset]
+        self.model = build(self.preset).to(self.device).to(memory_format=torch.channels_last)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4, betas=(0.9, 0.999),
+                                    eps=1e-8)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=precision == "bf16")
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        self.abar = torch.cumprod(1 - betas, 0).to(torch.float32).to(self.device)
+        self.train_step = torch.compile(self._train_step) if compile_ else self._train_step
+        self.forward = torch.compile(self._forward) if compile_ else self._forward
+
+    def _train_step(self, x0):
+        t = torch.randint(0, 1000, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        a = self.abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with self.autocast:
+            loss = torch.mean((self.model(xt, t).sample.float() - noise) ** 2)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss
+
+    def _forward(self, xt, t):
+        with torch.no_grad(), self.autocast:
+            return self.model(xt, t).sample
+
+    def inputs(self, batch: int):
+        """Images in [-1, 1] (channels-last) and timesteps for one batch."""
+        size = self.preset["image_size"]
+        x0 = torch.rand(batch, 3, size, size, device=self.device).mul(2).sub(1)
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        return x0, torch.full((batch,), 500, device=self.device)
+
+    def sync(self):
+        _sync(self.device)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cifar10")
@@ -81,41 +131,12 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = PRESETS[args.preset]
-    model = build(preset).to(device).to(memory_format=torch.channels_last)
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=args.precision == "bf16")
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0).to(torch.float32).to(device)
+    peer = Peer(args.preset, args.precision, args.compile)
+    device, preset, model, params = peer.device, peer.preset, peer.model, peer.num_params
+    train_step, forward = peer.train_step, peer.forward
 
-    def train_step(x0):
-        t = torch.randint(0, 1000, (x0.shape[0],), device=device)
-        noise = torch.randn_like(x0)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with autocast:
-            loss = torch.mean((model(xt, t).sample.float() - noise) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    def forward(xt, t):
-        with torch.no_grad(), autocast:
-            return model(xt, t).sample
-
-    if args.compile:
-        train_step = torch.compile(train_step)
-        forward = torch.compile(forward)
-
-    size = preset["image_size"]
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        x0 = torch.rand(batch, 3, size, size, device=device).mul(2).sub(1)
-        x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.full((batch,), 500, device=device)
+        x0, t = peer.inputs(batch)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
