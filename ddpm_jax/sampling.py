@@ -3,6 +3,23 @@
 Everything here is a pure function of its arguments and an explicit key, and is
 `jax.jit`-able with the shape and the string/int options static.
 
+Structure, from the inside out:
+
+- One step. `ddpm_step` and `ddim_step` map (x_t, t, t_next, model output,
+  noise) to (next x, pred_x0). They hold all of each sampler's math and know
+  nothing of the model, the keys or the loop.
+- The chain. `_scan_chain` is the one `lax.scan` both samplers run in: per
+  visited timestep it calls the model, draws the step's noise and applies a
+  step function (a `StepFn`), and it records the trajectory (x_t and pred_x0
+  every k steps) when asked. Its carry is (x, solver state, trajectory
+  buffers); the solver state is a pytree the step function threads through
+  (empty for DDPM and DDIM), so a multistep solver that needs earlier model
+  outputs fits without changing the driver.
+- The entry points. `sample_with(s, model_fn, key, shape, options)` takes the
+  options as a frozen `SampleOptions`, whose fields are checked when it is
+  built; `sample(s, model_fn, key, shape, **options)` is the same with the
+  options as keywords. `interpolate` decodes latent mixes with `sample`.
+
 Keys. From the caller's key two keys are split off: one for the initial noise
 x_T and one for the loop. The noise added at timestep t to the example with
 global index g (``index_offset + i`` for row i of the batch) is drawn from
@@ -32,6 +49,7 @@ variance half is taken from the conditional call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +62,6 @@ from ddpm_jax import diffusion
 
 SAMPLERS = ("ddpm", "ddim")
 DDIM_SPACINGS = ("linspace", "uniform")
-_LEARNED_VARS = ("learned", "learned_range")
 
 ModelFn = Callable[..., jax.Array]
 
@@ -99,29 +116,82 @@ def example_normal(key: jax.Array, indices: jax.Array, shape: Sequence[int],
     return jax.vmap(draw)(indices)
 
 
-def _check_options(sampler, mean_type, var_type, eta, trajectory_every, labels,
-                   guidance_scale, null_label, ddim_spacing):
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
-    if mean_type not in ("eps", "xstart", "xprev", "v"):
-        raise ValueError(f"mean_type must be one of ('eps', 'xstart', 'xprev', 'v'), "
-                         f"got {mean_type!r}.")
-    if var_type not in ("fixedlarge", "fixedsmall", "learned", "learned_range"):
-        raise ValueError("var_type must be one of ('fixedlarge', 'fixedsmall', 'learned', "
-                         f"'learned_range'), got {var_type!r}.")
-    if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}.")
-    if trajectory_every is not None and int(trajectory_every) < 1:
-        raise ValueError(f"trajectory_every must be a positive int or None, "
-                         f"got {trajectory_every}.")
-    if guidance_scale is not None:
-        if labels is None:
-            raise ValueError("guidance_scale needs labels (class labels [B]).")
-        if null_label is None:
-            raise ValueError("guidance_scale needs null_label (the null class, usually "
-                             "num_classes).")
-    if ddim_spacing not in DDIM_SPACINGS:
-        raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {ddim_spacing!r}.")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleOptions:
+    """How `sample_with` runs the reverse process; each field is checked when built.
+
+    The checks that need only the field itself raise ValueError here, naming the
+    field; those that need the schedule or the batch shape (t_start, num_steps,
+    labels, x_init) are made by `sample_with`. Change a field with
+    `dataclasses.replace`, which checks again.
+
+    Fields may be arrays (labels, x_init, a traced eta, guidance_scale or
+    index_offset). Such options are not hashable, so build them inside the
+    jitted function (as `sample` does) rather than pass them as a static
+    argument; options of plain Python values are hashable.
+
+    Attributes:
+      mean_type: "eps" | "xstart" | "xprev" | "v".
+      var_type: "fixedlarge" | "fixedsmall" | "learned" | "learned_range".
+      clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
+      sampler: "ddpm" | "ddim" (`SAMPLERS`).
+      num_steps: DDIM model evaluations (default: all steps). Not for "ddpm".
+      eta: DDIM noise scale in [0, 1] (0: deterministic; 1 with num_steps = T
+        is DDPM with fixedsmall variance). A Python number or a traced scalar;
+        only a Python 0 skips drawing the noise.
+      trajectory_every: if k, also return x_t and pred_x0 at every k-th step.
+      labels: int32 [B] class labels for a class-conditional model.
+      guidance_scale: classifier-free guidance weight w (needs labels and
+        null_label); see the module docstring.
+      null_label: the null class id (a model's num_classes).
+      index_offset: global index of row 0 (int, may be traced), so a large
+        sample cut into calls gives the same images as one call.
+      x_init: [B, H, W, C] the starting x at t_start instead of fresh noise.
+      t_start: the timestep the chain starts from (default T - 1).
+      ddim_spacing: "linspace" | "uniform" (`DDIM_SPACINGS`), see `ddim_timesteps`.
+      sharding: optional sharding of the [B, ...] arrays (e.g. a NamedSharding
+        over a "data" mesh axis) applied to the chain's state under jit.
+    """
+
+    mean_type: str
+    var_type: str
+    clip_denoised: bool = True
+    sampler: str = "ddpm"
+    num_steps: int | None = None
+    eta: float | jax.Array = 0.0
+    trajectory_every: int | None = None
+    labels: jax.Array | None = None
+    guidance_scale: float | jax.Array | None = None
+    null_label: int | None = None
+    index_offset: int | jax.Array = 0
+    x_init: jax.Array | None = None
+    t_start: int | None = None
+    ddim_spacing: str = "linspace"
+    sharding: jax.sharding.Sharding | None = None
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}.")
+        if self.mean_type not in diffusion.MEAN_TYPES:
+            raise ValueError(f"mean_type must be one of {diffusion.MEAN_TYPES}, "
+                             f"got {self.mean_type!r}.")
+        if self.var_type not in diffusion.VAR_TYPES:
+            raise ValueError(f"var_type must be one of {diffusion.VAR_TYPES}, "
+                             f"got {self.var_type!r}.")
+        if isinstance(self.eta, (int, float)) and not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}.")
+        if self.trajectory_every is not None and int(self.trajectory_every) < 1:
+            raise ValueError(f"trajectory_every must be a positive int or None, "
+                             f"got {self.trajectory_every}.")
+        if self.guidance_scale is not None:
+            if self.labels is None:
+                raise ValueError("guidance_scale needs labels (class labels [B]).")
+            if self.null_label is None:
+                raise ValueError("guidance_scale needs null_label (the null class, usually "
+                                 "num_classes).")
+        if self.ddim_spacing not in DDIM_SPACINGS:
+            raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, "
+                             f"got {self.ddim_spacing!r}.")
 
 
 def _guided_model(model_fn: ModelFn, labels, guidance_scale, null_label, var_type,
@@ -139,12 +209,300 @@ def _guided_model(model_fn: ModelFn, labels, guidance_scale, null_label, var_typ
                        jnp.concatenate([labels, null]))
         cond, uncond = jnp.split(out, 2, axis=0)
         w = jnp.asarray(guidance_scale, cond.dtype)
-        if var_type in _LEARNED_VARS:
+        if var_type in diffusion.LEARNED_VAR_TYPES:
             mean = (1 + w) * cond[..., :channels] - w * uncond[..., :channels]
             return jnp.concatenate([mean, cond[..., channels:]], axis=-1)
         return (1 + w) * cond - w * uncond
 
     return guided
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _per_example(a: jax.Array, x: jax.Array) -> jax.Array:
+    """[B] -> [B, 1, ..., 1] broadcasting against x; a scalar stays a scalar."""
+    return a if jnp.ndim(a) == 0 else jnp.reshape(a, (x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+def _batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
+    """t as int32 [B] (a scalar t is the same timestep for the whole batch)."""
+    return jnp.broadcast_to(jnp.asarray(t, jnp.int32), x.shape[:1])
+
+
+def _check_noise(noise: jax.Array, x: jax.Array) -> None:
+    if tuple(noise.shape) != tuple(x.shape):
+        raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(noise.shape)}.")
+
+
+def ddpm_step(
+    s: diffusion.Schedule,
+    x: jax.Array,
+    t: jax.Array,
+    model_output: jax.Array,
+    noise: jax.Array,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One ancestral step, a draw from p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2).
+
+    x_{t-1} = mean + sigma z with the mean and variance of
+    `diffusion.p_mean_variance` for any mean/var type; sigma = 0 where t = 0, so
+    the last step adds no noise.
+
+    Args:
+      s: the diffusion schedule.
+      x: [B, H, W, C] x_t.
+      t: int32 [B] the current timesteps, or a scalar shared by the batch.
+      model_output: [B, H, W, C] the model's output at (x, t) ([B, H, W, 2C] for
+        learned variances).
+      noise: [B, H, W, C] standard normal z (unused where t = 0).
+      mean_type: "eps" | "xstart" | "xprev" | "v".
+      var_type: "fixedlarge" | "fixedsmall" | "learned" | "learned_range".
+      clip_denoised: clip the predicted x_0 to [-1, 1] before forming the mean.
+
+    Returns:
+      (x_prev, pred_x0), each [B, H, W, C]; x_prev has x's dtype.
+    """
+    _check_noise(noise, x)
+    out = diffusion.p_mean_variance(s, model_output, x, _batch_t(t, x), mean_type=mean_type,
+                                    var_type=var_type, clip_denoised=clip_denoised)
+    std = jnp.where(_per_example(t > 0, x), jnp.exp(0.5 * out["log_variance"]), 0.0)
+    x_prev = out["mean"] + std * noise
+    return x_prev.astype(x.dtype), out["pred_xstart"]
+
+
+def ddim_step(
+    s: diffusion.Schedule,
+    x: jax.Array,
+    t: jax.Array,
+    t_next: jax.Array,
+    model_output: jax.Array,
+    noise: jax.Array | None,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    eta: float | jax.Array = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step from t to an earlier t_next (Song et al. 2021, eq. 12).
+
+    With x0 = pred_x0 (clipped if clip_denoised), eps recomputed from x0, ab the
+    alphas_cumprod table and ab_next = 1 where t_next < 0 (the step to x_0):
+    x_next = sqrt(ab_next) x0 + sqrt(1 - ab_next - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - ab_next) / (1 - ab_t)) sqrt(1 - ab_t / ab_next).
+    eta = 1 with t_next = t - 1 is the DDPM step with fixedsmall variance.
+
+    Args:
+      s: the diffusion schedule.
+      x: [B, H, W, C] x_t.
+      t: int32 [B] the current timesteps, or a scalar shared by the batch.
+      t_next: int32, shaped like t: the timesteps to step to (< t); a negative
+        one steps to x_0.
+      model_output: [B, H, W, C] the model's output at (x, t) ([B, H, W, 2C] for
+        learned variances; only the mean part is used).
+      noise: [B, H, W, C] standard normal z, or None when eta is the Python
+        number 0 (the deterministic step, which needs no noise).
+      mean_type: "eps" | "xstart" | "xprev" | "v".
+      var_type: "fixedlarge" | "fixedsmall" | "learned" | "learned_range" (says
+        how to split model_output).
+      clip_denoised: clip the predicted x_0 to [-1, 1].
+      eta: the noise scale in [0, 1], a Python number or a traced scalar.
+
+    Returns:
+      (x_next, pred_x0), each [B, H, W, C]; x_next has x's dtype.
+    """
+    if noise is None:
+        if not (isinstance(eta, (int, float)) and eta == 0):
+            raise ValueError(f"noise must be an array like x unless eta is the Python number 0, "
+                             f"got noise=None with eta={eta}.")
+    else:
+        _check_noise(noise, x)
+    tb = _batch_t(t, x)
+    out = diffusion.p_mean_variance(s, model_output, x, tb, mean_type=mean_type,
+                                    var_type=var_type, clip_denoised=clip_denoised)
+    x0 = out["pred_xstart"]
+    eps = diffusion.predict_eps_from_xstart(s, x, tb, x0)
+    ab_t = _per_example(jnp.take(s.alphas_cumprod, t), x)
+    ab_s = _per_example(jnp.where(t_next >= 0, jnp.take(s.alphas_cumprod, jnp.maximum(t_next, 0)),
+                                  1.0), x)
+    x_next = jnp.sqrt(ab_s) * x0
+    if noise is None:
+        x_next = x_next + jnp.sqrt(1.0 - ab_s) * eps
+    else:
+        sigma = eta * jnp.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
+        dir_scale = jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma**2, 0.0))
+        x_next = x_next + dir_scale * eps + sigma * noise
+    return x_next.astype(x.dtype), x0
+
+
+# ----------------------------------------------------------------------------- the chain
+
+# A chain step for `_scan_chain`: (x [B,H,W,C], t [], t_next [], model_output,
+# noise [B,H,W,C] or None, state) -> (x_next, pred_x0, state), with t and t_next int32
+# scalars (t_next = -1 on the last step). `state` is a pytree of fixed structure that the
+# step threads from one step to the next (() for one-step samplers).
+StepFn = Callable[..., tuple[jax.Array, jax.Array, Any]]
+
+
+def _sampler_step(s: diffusion.Schedule, o: SampleOptions) -> tuple[StepFn, bool]:
+    """The chain step of o.sampler and whether it needs noise."""
+    kw = {"mean_type": o.mean_type, "var_type": o.var_type, "clip_denoised": o.clip_denoised}
+    if o.sampler == "ddpm":
+        def step(x, t, t_next, out, noise, state):
+            del t_next
+            return (*ddpm_step(s, x, t, out, noise, **kw), state)
+
+        return step, True
+
+    def ddim(x, t, t_next, out, noise, state):
+        return (*ddim_step(s, x, t, t_next, out, noise, eta=o.eta, **kw), state)
+
+    return ddim, not (isinstance(o.eta, (int, float)) and o.eta == 0)
+
+
+def _save_every(buf: jax.Array, value: jax.Array, i: jax.Array, k: int) -> jax.Array:
+    """buf[i // k] = value when i % k == 0 (buf unchanged otherwise)."""
+    slot = i // k
+    old = jax.lax.dynamic_index_in_dim(buf, slot, keepdims=False)
+    new = jnp.where(i % k == 0, value, old)
+    return jax.lax.dynamic_update_index_in_dim(buf, new, slot, 0)
+
+
+def _scan_chain(
+    net: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    ts: np.ndarray,
+    t_next: np.ndarray,
+    step_fn: StepFn,
+    *,
+    noise_fn: Callable[[jax.Array], jax.Array] | None = None,
+    state: Any = (),
+    trajectory_every: int | None = None,
+    constrain: Callable[[jax.Array], jax.Array] = lambda a: a,
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Runs a sampler's steps over the visited timesteps in one `lax.scan`.
+
+    Each iteration calls the model once at (x, t [B]), draws that step's noise
+    and applies step_fn (with t and t_next as scalars). The carry is (x, state,
+    trajectory buffers): state is the solver's own pytree, so a multistep
+    solver (one that needs earlier model outputs or timesteps) keeps them there
+    and runs in this driver unchanged.
+
+    Args:
+      net: ``net(x [B,H,W,C], t [B]) -> model output``.
+      x: [B, H, W, C] the chain's start, x at ts[0].
+      ts: int [N] the visited timesteps, in order (static).
+      t_next: int [N] the timestep after each, -1 after the last (static).
+      step_fn: the sampler's step (see `StepFn`).
+      noise_fn: ``noise_fn(t) -> [B, H, W, C]`` the noise of the step at t (a
+        traced int32 scalar), or None for a step that draws none (it gets None).
+      state: the initial solver state.
+      trajectory_every: if k, record x_t and pred_x0 at steps 0, k, 2k, ...
+      constrain: applied to each new x (e.g. a sharding constraint).
+
+    Returns:
+      (x after the last step [B, H, W, C], None or the trajectory
+      ``{"x_t": [K,B,H,W,C], "pred_xstart": [K,B,H,W,C], "t": int32 [K]}``, K = ceil(N / k)).
+    """
+    k = None if trajectory_every is None else int(trajectory_every)
+    batch = x.shape[0]
+
+    def body(carry, inp):
+        x, state, bufs = carry
+        i, t, t_nx = inp
+        noise = None if noise_fn is None else noise_fn(t)
+        out = net(x, jnp.full((batch,), t, jnp.int32))
+        x_new, x0, state = step_fn(x, t, t_nx, out, noise, state)
+        if k is not None:
+            bufs = (_save_every(bufs[0], x, i, k), _save_every(bufs[1], x0, i, k))
+        return (constrain(x_new), state, bufs), None
+
+    bufs = ()
+    if k is not None:
+        buf = jnp.zeros((math.ceil(len(ts) / k), *x.shape), jnp.float32)
+        bufs = (buf, buf)
+    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts, jnp.int32),
+          jnp.asarray(t_next, jnp.int32))
+    (x, _, bufs), _ = jax.lax.scan(body, (x, state, bufs), xs)
+    if k is None:
+        return x, None
+    return x, {"x_t": bufs[0], "pred_xstart": bufs[1], "t": jnp.asarray(ts[::k], jnp.int32)}
+
+
+def _visited_timesteps(s: diffusion.Schedule, o: SampleOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The chain's timesteps and the one after each (-1 after the last), int32 [N] each."""
+    num_timesteps = s.num_timesteps
+    t_start = num_timesteps - 1 if o.t_start is None else int(o.t_start)
+    if not 0 <= t_start < num_timesteps:
+        raise ValueError(f"t_start must be in [0, {num_timesteps - 1}], got {t_start}.")
+    if o.sampler == "ddpm":
+        if o.num_steps is not None and o.num_steps != t_start + 1:
+            raise ValueError(f"num_steps is for sampler='ddim'; ddpm always takes every step "
+                             f"({t_start + 1}). Got num_steps={o.num_steps}.")
+        ts = np.arange(t_start, -1, -1, dtype=np.int32)
+    else:
+        ts = ddim_timesteps(num_timesteps, t_start + 1 if o.num_steps is None else o.num_steps,
+                            o.ddim_spacing, t_start=t_start)
+    return ts, np.append(ts[1:], -1).astype(np.int32)
+
+
+def sample_with(
+    s: diffusion.Schedule,
+    model_fn: ModelFn,
+    key: jax.Array,
+    shape: Sequence[int],
+    options: SampleOptions,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Draws samples by running the reverse process in one `lax.scan`.
+
+    "ddpm" runs `ddpm_step` at every timestep, "ddim" runs `ddim_step` over
+    the `ddim_timesteps` subset; the keys are used as the module docstring says.
+
+    Args:
+      s: the diffusion schedule.
+      model_fn: ``model_fn(x_t [B,H,W,C], t [B]) -> [B,H,W,C]`` ([B,H,W,2C] for
+        learned variances), or ``model_fn(x_t, t, y [B])`` when labels are given.
+      key: a typed key.
+      shape: the batch shape (B, H, W, C) (static).
+      options: a `SampleOptions`.
+
+    Returns:
+      samples [B,H,W,C] (not clipped; in [-1, 1] when clip_denoised), or with
+      trajectory_every=k, ``(samples, {"x_t": [K,B,H,W,C], "pred_xstart":
+      [K,B,H,W,C], "t": int32 [K]})`` with K = ceil(steps / k): the chain's
+      input x_t and its predicted x_0 at the visited steps 0, k, 2k, ...
+    """
+    o = options
+    shape = tuple(int(d) for d in shape)
+    if o.labels is not None and tuple(jnp.shape(o.labels)) != shape[:1]:
+        raise ValueError(f"labels must have shape [B] = ({shape[0]},), got {jnp.shape(o.labels)}.")
+    ts, t_next = _visited_timesteps(s, o)
+    if o.x_init is not None and tuple(o.x_init.shape) != shape:
+        raise ValueError(f"x_init has shape {tuple(o.x_init.shape)}, expected {shape}.")
+    constrain = (lambda a: a) if o.sharding is None else (
+        lambda a: jax.lax.with_sharding_constraint(a, o.sharding))
+
+    init_key, loop_key = jax.random.split(key)
+    index = jnp.arange(shape[0], dtype=jnp.int32) + jnp.asarray(o.index_offset, jnp.int32)
+    if o.x_init is None:
+        x = example_normal(init_key, index, shape[1:])
+    else:
+        x = jnp.asarray(o.x_init, jnp.float32)
+    net = _guided_model(model_fn, o.labels, o.guidance_scale, o.null_label, o.var_type,
+                        shape[-1])
+    step_fn, noisy = _sampler_step(s, o)
+
+    def noise_at(t):
+        return constrain(example_normal(jax.random.fold_in(loop_key, t), index, shape[1:]))
+
+    x, traj = _scan_chain(net, constrain(x), ts, t_next, step_fn,
+                          noise_fn=noise_at if noisy else None,
+                          trajectory_every=o.trajectory_every, constrain=constrain)
+    return x if traj is None else (x, traj)
 
 
 def sample(
@@ -169,138 +527,26 @@ def sample(
     ddim_spacing: str = "linspace",
     sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-    """Draws samples by running the reverse process in one `lax.scan`.
-
-    "ddpm" is ancestral sampling (Ho et al. 2020, Algorithm 2) with the mean
-    and variance of `diffusion.p_mean_variance` for any mean/var type; no noise
-    is added at t = 0. "ddim" (Song et al. 2021, eq. 12) visits the
-    `ddim_timesteps` subset; with x0 = pred_xstart (clipped if clip_denoised),
-    eps recomputed from x0, and s the next timestep (alpha_bar = 1 after t = 0):
-    x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s).
+    """`sample_with` with the `SampleOptions` given as keywords.
 
     Args:
       s: the diffusion schedule.
-      model_fn: ``model_fn(x_t [B,H,W,C], t [B]) -> [B,H,W,C]`` ([B,H,W,2C] for
-        learned variances), or ``model_fn(x_t, t, y [B])`` when labels are given.
-      key: a typed key; see the module docstring for how it is used.
+      model_fn: as in `sample_with`.
+      key: a typed key.
       shape: the batch shape (B, H, W, C) (static).
-      mean_type: "eps" | "xstart" | "xprev" | "v".
-      var_type: "fixedlarge" | "fixedsmall" | "learned" | "learned_range".
-      clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
-      sampler: "ddpm" | "ddim".
-      num_steps: DDIM model evaluations (default: all steps). Not for "ddpm".
-      eta: DDIM noise scale in [0, 1] (0: deterministic; 1 with num_steps = T
-        is DDPM with fixedsmall variance).
-      trajectory_every: if k, also return x_t and pred_x0 at every k-th step.
-      labels: int32 [B] class labels for a class-conditional model.
-      guidance_scale: classifier-free guidance weight w (needs labels and
-        null_label); see the module docstring.
-      null_label: the null class id (a model's num_classes).
-      index_offset: global index of row 0 (int, may be traced), so a large
-        sample cut into calls gives the same images as one call.
-      x_init: [B,H,W,C] the starting x at t_start instead of fresh noise.
-      t_start: the timestep the chain starts from (default T - 1).
-      ddim_spacing: "linspace" | "uniform", see `ddim_timesteps`.
-      sharding: optional sharding of the [B, ...] arrays (e.g. a NamedSharding
-        over a "data" mesh axis) applied to the chain's state under jit.
+      mean_type, var_type, clip_denoised, sampler, num_steps, eta,
+        trajectory_every, labels, guidance_scale, null_label, index_offset,
+        x_init, t_start, ddim_spacing, sharding: the fields of `SampleOptions`.
 
     Returns:
-      samples [B,H,W,C] (not clipped; in [-1, 1] when clip_denoised), or with
-      trajectory_every=k, ``(samples, {"x_t": [K,B,H,W,C], "pred_xstart":
-      [K,B,H,W,C], "t": int32 [K]})`` with K = ceil(steps / k): the chain's
-      input x_t and its predicted x_0 at the visited steps 0, k, 2k, ...
+      As `sample_with`.
     """
-    _check_options(sampler, mean_type, var_type, eta, trajectory_every, labels,
-                   guidance_scale, null_label, ddim_spacing)
-    shape = tuple(int(d) for d in shape)
-    if labels is not None and tuple(jnp.shape(labels)) != shape[:1]:
-        raise ValueError(f"labels must have shape [B] = ({shape[0]},), got {jnp.shape(labels)}.")
-    num_timesteps = s.num_timesteps
-    t_start = num_timesteps - 1 if t_start is None else int(t_start)
-    if not 0 <= t_start < num_timesteps:
-        raise ValueError(f"t_start must be in [0, {num_timesteps - 1}], got {t_start}.")
-    if sampler == "ddpm":
-        if num_steps is not None and num_steps != t_start + 1:
-            raise ValueError(f"num_steps is for sampler='ddim'; ddpm always takes every step "
-                             f"({t_start + 1}). Got num_steps={num_steps}.")
-        ts = np.arange(t_start, -1, -1, dtype=np.int32)
-    else:
-        ts = ddim_timesteps(num_timesteps, t_start + 1 if num_steps is None else num_steps,
-                            ddim_spacing, t_start=t_start)
-    t_next = np.append(ts[1:], -1).astype(np.int32)
-    n = len(ts)
-    channels = shape[-1]
-    constrain = (lambda a: a) if sharding is None else (
-        lambda a: jax.lax.with_sharding_constraint(a, sharding))
-
-    init_key, loop_key = jax.random.split(key)
-    index = jnp.arange(shape[0], dtype=jnp.int32) + jnp.asarray(index_offset, jnp.int32)
-    if x_init is None:
-        x = example_normal(init_key, index, shape[1:])
-    else:
-        if tuple(x_init.shape) != shape:
-            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {shape}.")
-        x = jnp.asarray(x_init, jnp.float32)
-    x = constrain(x)
-    net = _guided_model(model_fn, labels, guidance_scale, null_label, var_type, channels)
-    deterministic = sampler == "ddim" and isinstance(eta, (int, float)) and eta == 0
-
-    def noise_at(t):
-        return constrain(example_normal(jax.random.fold_in(loop_key, t), index, shape[1:]))
-
-    def bcast(a):
-        return jnp.reshape(a, (1,) * len(shape))
-
-    def step(x, t, t_nx):
-        tb = jnp.full((shape[0],), t, jnp.int32)
-        out = diffusion.p_mean_variance(s, net(x, tb), x, tb, mean_type=mean_type,
-                                        var_type=var_type, clip_denoised=clip_denoised)
-        x0 = out["pred_xstart"]
-        if sampler == "ddpm":
-            std = jnp.where(t > 0, jnp.exp(0.5 * out["log_variance"]), 0.0)
-            x_new = out["mean"] + std * noise_at(t)
-        else:
-            eps = diffusion.predict_eps_from_xstart(s, x, tb, x0)
-            ab_t = s.alphas_cumprod[t]
-            ab_s = jnp.where(t_nx >= 0, s.alphas_cumprod[jnp.maximum(t_nx, 0)], 1.0)
-            x_new = jnp.sqrt(ab_s) * x0
-            if deterministic:
-                x_new = x_new + jnp.sqrt(1.0 - ab_s) * eps
-            else:
-                sigma = eta * jnp.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
-                dir_scale = jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma**2, 0.0))
-                x_new = x_new + dir_scale * eps + bcast(sigma) * noise_at(t)
-        return constrain(x_new.astype(x.dtype)), x0
-
-    xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(t_next))
-    if trajectory_every is None:
-        def body(x, inp):
-            _, t, t_nx = inp
-            return step(x, t, t_nx)[0], None
-
-        x, _ = jax.lax.scan(body, x, xs)
-        return x
-
-    k = int(trajectory_every)
-    num_saved = math.ceil(n / k)
-    buf = jnp.zeros((num_saved, *shape), jnp.float32)
-
-    def save(b, value, i):
-        slot = i // k
-        old = jax.lax.dynamic_index_in_dim(b, slot, keepdims=False)
-        new = jnp.where(i % k == 0, value, old)
-        return jax.lax.dynamic_update_index_in_dim(b, new, slot, 0)
-
-    def body_traj(carry, inp):
-        x, xt_buf, x0_buf = carry
-        i, t, t_nx = inp
-        x_new, x0 = step(x, t, t_nx)
-        return (x_new, save(xt_buf, x, i), save(x0_buf, x0, i)), None
-
-    (x, xt_buf, x0_buf), _ = jax.lax.scan(body_traj, (x, buf, buf), xs)
-    traj = {"x_t": xt_buf, "pred_xstart": x0_buf, "t": jnp.asarray(ts[::k])}
-    return x, traj
+    options = SampleOptions(
+        mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, sampler=sampler,
+        num_steps=num_steps, eta=eta, trajectory_every=trajectory_every, labels=labels,
+        guidance_scale=guidance_scale, null_label=null_label, index_offset=index_offset,
+        x_init=x_init, t_start=t_start, ddim_spacing=ddim_spacing, sharding=sharding)
+    return sample_with(s, model_fn, key, shape, options)
 
 
 def interpolate(
