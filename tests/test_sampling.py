@@ -9,6 +9,7 @@ variance, so e.g. fixedsmall gives a std below c: the tests compare with the
 propagated value, in standard errors (SE) of the N-sample mean and std.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -423,3 +424,166 @@ def test_interpolation(sampler_kw):
 def test_bad_input_raises(kw, match):
     with pytest.raises(ValueError, match=match):
         small_sample(jax.random.key(0), **kw)
+
+
+# ----------------------------------------------------------------------------- one step
+STEP_SHAPE = (4, 2, 2, 1)
+STEP_T = np.array([0, 1, 500, T - 1], np.int32)  # one timestep per example
+
+
+def np_step_inputs(seed):
+    rng = np.random.default_rng(seed)
+    x, out, z = (rng.standard_normal(STEP_SHAPE) for _ in range(3))
+    return x, out, z
+
+
+def np_pred_x0(x, out, t, mean_type, clip):
+    """float64 pred_x0 from an eps / x_0 / v model output at per-example t [B]."""
+    ab = TAB["ab"][t][:, None, None, None]
+    x0 = {"eps": (x - np.sqrt(1 - ab) * out) / np.sqrt(ab),
+          "xstart": out,
+          "v": np.sqrt(ab) * x - np.sqrt(1 - ab) * out}[mean_type]
+    return np.clip(x0, -1, 1) if clip else x0
+
+
+def _f32(*arrays):
+    return [jnp.asarray(a, jnp.float32) for a in arrays]
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "xstart", "v"])
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddpm_step_matches_float64_posterior(mean_type, var_type, clip):
+    """x_{t-1} = c1 x0 + c2 x_t + sigma z, sigma^2 = posterior variance (fixedsmall) or
+    beta_t (fixedlarge), no noise at t = 0: numpy float64 from the betas."""
+    x, out, z = np_step_inputs(0)
+    x0 = np_pred_x0(x, out, STEP_T, mean_type, clip)
+    col = lambda name: TAB[name][STEP_T][:, None, None, None]
+    var = col("post_var") if var_type == "fixedsmall" else col("b")
+    std = np.where(STEP_T[:, None, None, None] > 0, np.sqrt(var), 0.0)
+    ref = col("c1") * x0 + col("c2") * x + std * z
+    step = jax.jit(functools.partial(sampling.ddpm_step, schedule(), mean_type=mean_type,
+                                     var_type=var_type, clip_denoised=clip))
+    x_prev, pred_x0 = step(*_f32(x), jnp.asarray(STEP_T), *_f32(out, z))
+    assert x_prev.dtype == jnp.float32 and x_prev.shape == STEP_SHAPE
+    np.testing.assert_allclose(np.asarray(pred_x0), x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_prev), ref, rtol=1e-5, atol=1e-5)
+    # A scalar t is that timestep for the whole batch.
+    x_prev_500, _ = step(*_f32(x), jnp.int32(500), *_f32(out, z))
+    np.testing.assert_allclose(np.asarray(x_prev_500)[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("mean_type,clip", [("eps", False), ("eps", True), ("v", True)])
+def test_ddim_step_matches_float64_update(eta, mean_type, clip):
+    """x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z with eps recomputed from
+    the (clipped) x0 and ab_s = 1 for t_next = -1: numpy float64 from the betas."""
+    x, out, z = np_step_inputs(1)
+    t_next = np.array([-1, 0, 300, 950], np.int32)
+    x0 = np_pred_x0(x, out, STEP_T, mean_type, clip)
+    ab = TAB["ab"][STEP_T][:, None, None, None]
+    ab_s = np.where(t_next >= 0, TAB["ab"][np.maximum(t_next, 0)], 1.0)[:, None, None, None]
+    eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+    sigma = eta * np.sqrt((1 - ab_s) / (1 - ab) * (1 - ab / ab_s))
+    ref = np.sqrt(ab_s) * x0 + np.sqrt(1 - ab_s - sigma**2) * eps + sigma * z
+    step = jax.jit(functools.partial(sampling.ddim_step, schedule(), mean_type=mean_type,
+                                     var_type="fixedlarge", clip_denoised=clip, eta=eta))
+    args = (*_f32(x), jnp.asarray(STEP_T), jnp.asarray(t_next), *_f32(out))
+    x_next, pred_x0 = step(*args, *_f32(z))
+    np.testing.assert_allclose(np.asarray(pred_x0), x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_next), ref, rtol=1e-5, atol=2e-5)
+    if eta == 0.0:  # the deterministic step draws no noise
+        np.testing.assert_allclose(np.asarray(step(*args, None)[0]), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_ddim_eta_one_single_step_is_ddpm_fixedsmall():
+    x, out, z = _f32(*np_step_inputs(2))
+    t = jnp.asarray(STEP_T[1:])  # t = 0 has no t - 1
+    kw = {"mean_type": "eps", "var_type": "fixedsmall", "clip_denoised": False}
+    ddim, _ = sampling.ddim_step(schedule(), x[1:], t, t - 1, out[1:], z[1:], eta=1.0, **kw)
+    ddpm, _ = sampling.ddpm_step(schedule(), x[1:], t, out[1:], z[1:], **kw)
+    # float32: at t = 1 DDIM's sigma and direction terms are differences of numbers near 1
+    # (1 - ab_1 / ab_0 = beta_1 = 1e-4), so they carry ~1e-5 relative error.
+    np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), rtol=1e-4, atol=1e-4)
+
+
+def test_step_bad_noise_raises():
+    x = jnp.zeros(STEP_SHAPE)
+    t = jnp.asarray(STEP_T)
+    kw = {"mean_type": "eps", "var_type": "fixedlarge"}
+    with pytest.raises(ValueError, match="noise"):
+        sampling.ddim_step(schedule(), x, t, t - 1, x, None, eta=0.5, **kw)
+    with pytest.raises(ValueError, match="noise"):
+        sampling.ddpm_step(schedule(), x, t, x, jnp.zeros((1, 2, 2, 1)), **kw)
+
+
+def test_scan_chain_threads_solver_state_and_records():
+    """A two-step toy 'solver' whose update uses the previous model output (kept in the
+    solver state) runs in the driver as written; checked against a Python loop."""
+    ts = np.array([9, 6, 3, 0], np.int32)
+    t_next = np.append(ts[1:], -1).astype(np.int32)
+    net = lambda x, t: 0.5 * x + t[:, None, None, None].astype(jnp.float32)
+
+    def step(x, t, t_nx, out, noise, state):
+        prev_out, count = state
+        x_next = x - 0.1 * out + 0.05 * prev_out + 0.01 * noise + 0.001 * t_nx
+        return x_next, out, (out, count + 1)
+
+    x_start = jnp.arange(8.0).reshape(2, 2, 2, 1)
+    noise_fn = lambda t: jnp.full((2, 2, 2, 1), t, jnp.float32)
+    state0 = (jnp.zeros_like(x_start), jnp.int32(0))
+    x, traj = jax.jit(lambda x0: sampling._scan_chain(
+        net, x0, ts, t_next, step, noise_fn=noise_fn, state=state0, trajectory_every=3))(x_start)
+    xr, prev, xs_seen, x0_seen = np.asarray(x_start, np.float64), 0.0, [], []
+    for t, tn in zip(ts, t_next, strict=True):
+        out = 0.5 * xr + t
+        xs_seen.append(xr)
+        x0_seen.append(out)
+        xr, prev = xr - 0.1 * out + 0.05 * prev + 0.01 * t + 0.001 * tn, out
+    np.testing.assert_allclose(np.asarray(x), xr, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(traj["t"]), [9, 0])
+    np.testing.assert_allclose(np.asarray(traj["x_t"]), np.stack(xs_seen[::3]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(traj["pred_xstart"]), np.stack(x0_seen[::3]), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- options
+def test_sample_with_options_equals_keywords():
+    kw = {"mean_type": "eps", "var_type": "fixedlarge", "sampler": "ddim", "num_steps": 5,
+          "eta": 0.5, "trajectory_every": 2}
+    key = jax.random.key(15)
+    x_kw, traj_kw = jax.jit(lambda k: small_sample(k, **kw))(key)
+    options = sampling.SampleOptions(**kw)
+    x_opt, traj_opt = jax.jit(lambda k: sampling.sample_with(SMALL_S, toy_model, k, SHAPE,
+                                                             options))(key)
+    np.testing.assert_array_equal(np.asarray(x_opt), np.asarray(x_kw))
+    for name in ("x_t", "pred_xstart", "t"):
+        np.testing.assert_array_equal(np.asarray(traj_opt[name]), np.asarray(traj_kw[name]))
+    assert hash(options) == hash(sampling.SampleOptions(**kw))  # plain values: hashable
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sampler", "euler"),
+        ("mean_type", "x0"),
+        ("var_type", "small"),
+        ("eta", -0.1),
+        ("eta", 1.5),
+        ("trajectory_every", 0),
+        ("ddim_spacing", "quad"),
+        ("guidance_scale", 1.0),  # without labels
+    ],
+)
+def test_options_reject_bad_values(field, value):
+    kw = {"mean_type": "eps", "var_type": "fixedlarge", field: value}
+    with pytest.raises(ValueError, match=field):
+        sampling.SampleOptions(**kw)
+
+
+def test_options_frozen_and_replace_checks():
+    options = sampling.SampleOptions(mean_type="eps", var_type="fixedlarge")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.eta = 0.5
+    with pytest.raises(ValueError, match="null_label"):
+        dataclasses.replace(options, labels=jnp.zeros(4, jnp.int32), guidance_scale=2.0)
+    assert dataclasses.replace(options, sampler="ddim").sampler == "ddim"
