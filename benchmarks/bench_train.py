@@ -8,6 +8,9 @@ size (also appended to --out).
 
   python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
       --config.training.steps_per_call=4 --out benchmarks/results/cpu.jsonl
+  # seconds per step for several steps_per_call, timed in alternation:
+  python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
+      --compare_steps_per_call 1,4,10 --repeats 3 --out benchmarks/results/cpu.jsonl
   # on a GPU, bf16 compute, and the largest batch that fits:
   python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
       --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl
@@ -33,6 +36,57 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size.")
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False,
                               "Double the batch until it no longer fits (accelerators).")
 _OUT = flags.DEFINE_string("out", None, "Append JSON lines to this file.")
+_STEPS_PER_CALL = flags.DEFINE_string(
+    "compare_steps_per_call", None,
+    "Comma-separated steps_per_call values (e.g. 1,4,10): compile one train call for each and "
+    "time them in alternation, --repeats rounds, at the first batch size; reports seconds per "
+    "train step for each.")
+
+
+def _setup(config, batch: int, k: int):
+    """State, compiled train call, batches and key for k steps per call at one batch size."""
+    config = config.copy_and_resolve_references()
+    config.training.batch_size = batch
+    config.training.steps_per_call = k
+    dp = parallel.DataParallel(config.parallelism)
+    local = dp.local_batch_size(batch)
+    state = dp.to_device(dp.replicate(train.create_train_state(config, jax.random.key(0))))
+    train_fn = train.make_train_fn(config, dp)
+    size, channels = config.data.image_size, config.data.channels
+    rng = np.random.default_rng(0)
+    batches = dp.shard_batch({
+        "image": rng.integers(0, 256, (k, local, size, size, channels), dtype=np.uint8),
+        "label": np.zeros((k, local), np.int32),
+    })
+    return state, train_fn, batches, jax.random.key_data(jax.random.key(1))
+
+
+def compare_steps_per_call(config, batch: int, ks: list[int], rounds: int) -> list[dict]:
+    """Seconds per step of the train call for each k, timed in alternation (same load)."""
+    runs = {}
+    for k in ks:
+        state, fn, batches, key_data = _setup(config, batch, k)
+        start = time.perf_counter()
+        state, metrics = fn(state, batches, key_data)
+        jax.block_until_ready(metrics)
+        runs[k] = {"state": state, "fn": fn, "batches": batches, "key": key_data,
+                   "first_call_s": time.perf_counter() - start, "per_step": []}
+    for _ in range(rounds):
+        for k in ks:
+            r = runs[k]
+            start = time.perf_counter()
+            r["state"], metrics = r["fn"](r["state"], r["batches"], r["key"])
+            jax.block_until_ready(metrics)
+            r["per_step"].append((time.perf_counter() - start) / k)
+    return [{"benchmark": "train_steps_per_call", "framework": "jax",
+             "config": {"model": config.model.to_dict(), "image_size": config.data.image_size,
+                        "parallelism": config.parallelism},
+             "dtype": str(config.model.dtype), "batch": batch, "steps_per_call": k,
+             "rounds": rounds, "first_call_s": round(runs[k]["first_call_s"], 3),
+             "seconds_per_step": [round(t, 4) for t in runs[k]["per_step"]],
+             "best_seconds_per_step": min(runs[k]["per_step"]),
+             "median_seconds_per_step": float(np.median(runs[k]["per_step"])),
+             "images_per_s": batch / min(runs[k]["per_step"])} for k in ks]
 
 
 def bench_one(config, batch: int, repeats: int) -> dict:
@@ -95,6 +149,11 @@ def main(argv):
     config = _CONFIG.value
     train.validate_config(config)
     batches = [int(b) for b in _BATCH_SIZES.value.split(",")]
+    if _STEPS_PER_CALL.value:
+        ks = [int(k) for k in _STEPS_PER_CALL.value.split(",")]
+        for record in compare_steps_per_call(config, batches[0], ks, _REPEATS.value):
+            emit(record, _OUT.value)
+        return
     for batch in batches:
         emit(bench_one(config, batch, _REPEATS.value), _OUT.value)
     if _FIND_MAX.value:
