@@ -1,103 +1,84 @@
-"""A minimal TensorBoard scalar writer that does not need TensorFlow.
+"""TensorBoard event files for training scalars and sample images, without TensorFlow.
 
-Writes ``events.out.tfevents.*`` files: TFRecord framing (length, masked
-CRC-32C of the length, the record, masked CRC-32C of the record) around
-hand-encoded ``tensorflow.Event`` protocol buffers holding ``simple_value``
-scalars, which TensorBoard reads like those of ``tf.summary.scalar``.
+The records are made by the ``tensorboard`` package: its ``RecordWriter`` frames them (length,
+masked CRC-32C, data, masked CRC-32C) and its protocol buffers hold them. Scalars are
+``simple_value`` summaries; a batch of images is one image-plugin summary per tag (a string
+tensor ``[width, height, png_0, png_1, ...]``, what ``tf.summary.image`` writes), PNG-encoded
+with Pillow. TensorBoard and ``tf.compat.v1.train.summary_iterator`` read both.
+
+tensorboard's ``EventFileWriter`` is not used: it creates directories and files through
+``tensorboard.compat.tf``, which imports TensorFlow whenever it is installed (about 5 s and
+several hundred MB in every training process, which otherwise imports TensorFlow only for tfds
+data). Here the file is a plain Python file, written and flushed on each call.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import socket
-import struct
 import time
+from collections.abc import Mapping
 
-_CRC_TABLE: list[int] = []
-
-
-def _crc_table() -> list[int]:
-    if not _CRC_TABLE:
-        for i in range(256):
-            c = i
-            for _ in range(8):
-                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-            _CRC_TABLE.append(c)
-    return _CRC_TABLE
+import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of data."""
-    table = _crc_table()
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = table[(c ^ byte) & 0xFF] ^ (c >> 8)
-    return c ^ 0xFFFFFFFF
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def _masked_crc(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | wire) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def _event(wall_time: float, step: int, *, summary: bytes | None = None,
-           file_version: str | None = None) -> bytes:
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _bytes_field(3, file_version.encode())
-    if summary is not None:
-        msg += _bytes_field(5, summary)
-    return msg
-
-
-def _scalar_summary(values: dict[str, float]) -> bytes:
-    out = b""
-    for tag, value in values.items():
-        val = _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(value)))
-        out += _bytes_field(1, val)
-    return out
+def _image_value(tag: str, images: np.ndarray) -> summary_pb2.Summary.Value:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"images[{tag!r}] must be uint8 [N, H, W, C] with C in (1, 3, 4); got "
+            f"{images.dtype} {images.shape}."
+        )
+    height, width = images.shape[1:3]
+    content = [str(width).encode(), str(height).encode(), *(_png(im) for im in images)]
+    return summary_pb2.Summary.Value(
+        tag=tag,
+        metadata=image_metadata.create_summary_metadata(display_name=tag, description=""),
+        tensor=tensor_util.make_tensor_proto(content),
+    )
 
 
 class SummaryWriter:
-    """Appends scalar summaries to one event file in logdir."""
+    """Appends summaries to one ``events.out.tfevents.*`` file in logdir."""
 
     def __init__(self, logdir: str):
         os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")  # closed in close()
-        self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+        self._writer = RecordWriter(open(self.path, "ab"))  # closed in close()
+        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record
-                         + struct.pack("<I", _masked_crc(record)))
+    def _add(self, event: event_pb2.Event) -> None:
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
+    def _summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+        self._add(event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        ))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Writes the scalars at step and flushes."""
-        self._write(_event(time.time(), int(step), summary=_scalar_summary(values)))
-        self._file.flush()
+        self._summary(step, [
+            summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()
+        ])
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """Writes each uint8 [N, H, W, C] batch (C = 1, 3 or 4) as one image summary; flushes."""
+        self._summary(step, [_image_value(tag, batch) for tag, batch in images.items()])
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if not self._writer.closed:
+            self._writer.close()

@@ -197,15 +197,32 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
 
 
 def test_summary_writer_records(tmp_path):
-    assert summary.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    w = summary.SummaryWriter(str(tmp_path))
-    w.scalars(3, {"loss": 0.5})
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    logdir = tmp_path / "run" / "tensorboard"  # where train_and_evaluate puts it
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 6, 1), dtype=np.uint8)
+    w = summary.SummaryWriter(str(logdir))
+    w.scalars(3, {"loss": 0.5, "grad_norm": np.float32(2.25)})
+    w.scalars(5, {"loss": 0.25})
+    w.images(7, {"samples": images})
+    with pytest.raises(ValueError, match=r"images\['bad'\] must be uint8"):
+        w.images(7, {"bad": images.astype(np.float32)})
     w.close()
-    with open(w.path, "rb") as f:
-        data = f.read()
-    n = int.from_bytes(data[:8], "little")
-    second = data[8 + 4 + n + 4:]
-    m = int.from_bytes(second[:8], "little")
-    record = second[12:12 + m]
-    assert int.from_bytes(second[12 + m:16 + m], "little") == summary._masked_crc(record)
-    assert b"loss" in record and np.float32(0.5).tobytes() in record
+    assert os.listdir(logdir) == [os.path.basename(w.path)]
+    assert w.path.startswith(str(logdir / "events.out.tfevents."))
+
+    acc = event_accumulator.EventAccumulator(str(logdir))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(3, 0.5), (5, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("grad_norm")] == [(3, 2.25)]
+    assert acc.SummaryMetadata("samples").plugin_data.plugin_name == "images"
+    (event,) = acc.Tensors("samples")
+    width, height, *pngs = tensor_util.make_ndarray(event.tensor_proto)
+    assert event.step == 7 and (int(width), int(height)) == (6, 8)
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(p))) for p in pngs])[..., None]
+    assert decoded.shape == (3, 8, 6, 1)
+    np.testing.assert_array_equal(decoded, images)
