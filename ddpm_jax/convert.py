@@ -24,7 +24,6 @@ Command line (writes an inference checkpoint, see ``ddpm_jax.checkpoint``)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -32,7 +31,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from ddpm_jax import config_lib
 from ddpm_jax.unet import UNetConfig, param_shapes
 
 Params = dict[str, Any]
@@ -119,26 +120,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 # Shared helpers.
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, (*prefix, k)))
-        else:
-            out[(*prefix, k)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    out: Params = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 def _image_size_for(config: UNetConfig, attn_levels: set[int]) -> int:
     """An image size at which the config puts attention exactly at these levels."""
     base = 2 ** (config.num_levels - 1)
@@ -166,7 +147,7 @@ def _check_and_build(
     unknown: list[str],
 ) -> Params:
     """Fills our tree tensor by tensor; reports all problems in one ValueError."""
-    expected = _flatten(param_shapes(config, image_size, in_channels))
+    expected = flatten_dict(param_shapes(config, image_size, in_channels))
     flat, missing, misshaped = {}, [], []
     for path, leaf in expected.items():
         name = source_name(path)
@@ -186,7 +167,7 @@ def _check_and_build(
         problems.append(f"mis-shaped tensors (after layout conversion) {misshaped}")
     if problems:
         raise ValueError("checkpoint does not match the UNetConfig: " + "; ".join(problems))
-    return _unflatten(flat)
+    return unflatten_dict(flat)
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +301,7 @@ def unet_params_from_diffusers(
     num_levels = config.num_levels
     expected_names = {
         _diffusers_name(p, num_levels)
-        for p in _flatten(param_shapes(config, image_size, in_channels))
+        for p in flatten_dict(param_shapes(config, image_size, in_channels))
     }
     unknown = sorted(set(sd) - expected_names)
 
@@ -396,9 +377,8 @@ def unet_params_from_official(
         }
         image_size = _image_size_for(config, attn)
     in_channels = int(reader.get_variable_to_shape_map()[f"{scope}/conv_in/W"][2])
-    expected = {
-        _official_name(p, scope) for p in _flatten(param_shapes(config, image_size, in_channels))
-    }
+    shapes = param_shapes(config, image_size, in_channels)
+    expected = {_official_name(p, scope) for p in flatten_dict(shapes)}
     # Known: a variable itself, or one of its slots (EMA, optimizer moments).
     unknown = [n for n in ours if n not in expected and n.rsplit("/", 1)[0] not in expected]
 
@@ -415,23 +395,16 @@ def unet_params_from_official(
 # Command line.
 
 
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_ddpm_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"--config {spec}: not a Python config file.")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ddpm_jax.convert", description="Convert released DDPM U-Net weights."
     )
     parser.add_argument("--from", dest="source", choices=("diffusers", "official"), required=True)
     parser.add_argument("src", help="diffusers model dir/file, or TF checkpoint prefix")
-    parser.add_argument("--config", required=True, help="ml_collections config file[:arg]")
+    parser.add_argument(
+        "--config", required=True,
+        help="ml_collections config file, or the name of one in configs/ (e.g. default)",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--no-ema", action="store_true", help="official: read the raw, not the EMA, weights"
@@ -440,7 +413,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from ddpm_jax import checkpoint
 
-    config = _load_config(args.config)
+    if os.path.isfile(args.config) and not args.config.endswith(".py"):
+        raise ValueError(f"--config {args.config}: not a Python config file.")
+    config = config_lib.load_config(args.config)
     unet_config = UNetConfig.from_config(config.model, out_ch=checkpoint.out_channels(config))
     image_size = int(config.data.image_size)
     step = 0

@@ -315,3 +315,13 @@ def test_command_line_official(tmp_path, official_checkpoint):
     assert sorted(got) == sorted(ema)
     for name in ema:
         np.testing.assert_array_equal(got[name], ema[name])
+
+
+def test_command_line_bad_config(tmp_path):
+    not_python = tmp_path / "config.json"
+    not_python.write_text("{}")
+    args = ["--from", "official", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="not a Python config file"):
+        convert.main([*args, "--config", str(not_python)])
+    with pytest.raises(FileNotFoundError, match="no config file.*the configs here"):
+        convert.main([*args, "--config", str(tmp_path / "missing.py")])
