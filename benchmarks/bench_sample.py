@@ -22,8 +22,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
-from ddpm_jax import diffusion, sampling, schedules
-from ddpm_jax.unet import UNet, UNetConfig
+from ddpm_jax import builders, sampling
+from ddpm_jax.unet import UNet
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", "1,2", "Comma-separated global batch sizes.")
@@ -37,17 +37,12 @@ def main(argv):
     config = _CONFIG.value
     channels = config.data.channels
     size = config.data.image_size
-    learned = config.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
-    model_config = UNetConfig.from_config(config.model, out_ch=channels * (2 if learned else 1))
-    model = UNet(model_config)
-    s = diffusion.make_schedule(schedules.get_beta_schedule(
-        config.diffusion.beta_schedule, beta_start=config.diffusion.beta_start,
-        beta_end=config.diffusion.beta_end, num_timesteps=config.diffusion.num_timesteps))
+    model = UNet(builders.unet_config(config))
+    s = builders.schedule(config)
     params = jax.jit(model.init)(
         jax.random.key(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32))
     steps = _NUM_STEPS.value
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharding, _ = builders.data_shardings()
 
     for batch in [int(b) for b in _BATCH_SIZES.value.split(",")]:
         if batch % jax.device_count():

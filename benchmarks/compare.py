@@ -56,7 +56,7 @@ def _jax_worker(args) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from ddpm_jax import config_lib, parallel, sampling, train
+    from ddpm_jax import builders, config_lib, parallel, sampling, train
     from ddpm_jax.unet import UNet
 
     config = config_lib.load_config(args.config)
@@ -82,8 +82,8 @@ def _jax_worker(args) -> None:
             state, metrics = train_fn(state, batches, key_data)
         jax.block_until_ready(metrics)
 
-    model = UNet(train.unet_config(config))
-    sched = train.make_schedule(config)
+    model = UNet(builders.unet_config(config))
+    sched = builders.schedule(config)
     d = config.diffusion
     shape = (args.batch, size, size, channels)
     steps = args.sample_steps

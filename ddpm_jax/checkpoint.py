@@ -37,7 +37,6 @@ PyTree = Any
 CHECKPOINT_SUBDIR = "checkpoints"
 META_FILE = "meta.json"
 PARAMS_SUBDIR = "params"
-_LEARNED_VARS = ("learned", "learned_range")
 
 
 def meta_from_config(config: Any, *, step: int = 0) -> dict[str, Any]:
@@ -51,9 +50,9 @@ def meta_from_config(config: Any, *, step: int = 0) -> dict[str, Any]:
       ``{"model": UNetConfig fields, "diffusion": {...}, "data": {image_size,
       channels}, "step": step}``, JSON-serializable.
     """
-    from ddpm_jax.unet import UNetConfig
+    from ddpm_jax import builders  # Flax, only when metadata is built
 
-    unet = UNetConfig.from_config(config.model, out_ch=out_channels(config))
+    unet = builders.unet_config(config)
     diff = config.diffusion
     return {
         "model": unet.to_dict(),
@@ -71,9 +70,13 @@ def meta_from_config(config: Any, *, step: int = 0) -> dict[str, Any]:
 
 
 def out_channels(config: Any) -> int:
-    """U-Net output channels: the data channels, doubled for learned variances."""
-    factor = 2 if config.diffusion.var_type in _LEARNED_VARS else 1
-    return int(config.data.channels) * factor
+    """U-Net output channels: the data channels, doubled for learned variances.
+
+    Kept for its callers; the definition is `ddpm_jax.builders.out_channels`.
+    """
+    from ddpm_jax import builders
+
+    return builders.out_channels(config)
 
 
 # --------------------------------------------------------------------------- inference format

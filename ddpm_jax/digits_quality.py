@@ -29,11 +29,9 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpoint, diffusion, sampling, schedules
-from ddpm_jax.unet import UNet, UNetConfig
+from ddpm_jax import builders, checkpoint, sampling
 
 CONFIDENCE = 0.8
 
@@ -84,12 +82,9 @@ def score(samples: np.ndarray) -> dict[str, object]:
 def draw_samples(path: str, num_samples: int, seed: int, batch_size: int = 1000) -> np.ndarray:
     """uint8 [num_samples, H, W, C] DDPM samples from the EMA params at path."""
     params, meta = checkpoint.load_params(path)
-    model_meta = dict(meta["model"])
-    model = UNet(UNetConfig(**model_meta))
+    model = builders.unet_from_meta(meta)
     d = meta["diffusion"]
-    sched = diffusion.make_schedule(schedules.get_beta_schedule(
-        d["beta_schedule"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-        num_timesteps=d["num_timesteps"]))
+    sched = builders.schedule(d)
     size, channels = meta["data"]["image_size"], meta["data"]["channels"]
 
     @jax.jit
@@ -98,7 +93,7 @@ def draw_samples(path: str, num_samples: int, seed: int, batch_size: int = 1000)
                             jax.random.key(seed), (batch_size, size, size, channels),
                             mean_type=d["mean_type"], var_type=d["var_type"],
                             index_offset=offset)
-        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return builders.to_uint8(x)
 
     out = [np.asarray(run(params, i)) for i in range(0, num_samples, batch_size)]
     return np.concatenate(out)[:num_samples]

@@ -8,7 +8,8 @@ Usage::
 
 The checkpoint is anything `ddpm_jax.checkpoint.load_params` reads: a
 training workdir (its latest EMA params) or a converted params directory. The
-model comes from ``meta["model"]``, the schedule from ``meta["diffusion"]``.
+model comes from ``meta["model"]``, the schedule from ``meta["diffusion"]``
+(`ddpm_jax.builders.unet_from_meta`, `ddpm_jax.builders.schedule`).
 
 Samples are drawn in batches of --batch_size over all local devices (the batch
 is sharded on a 1-D "data" mesh), with one key for the whole run and each
@@ -20,8 +21,9 @@ batch size or device count; the last batch is padded and cut, so exactly
   reads), plus ``labels`` int32 [N] for class-conditional models.
 - ``samples.png``: a grid of the first --grid_size images.
 
-Conversion to uint8 rounds: ``round((x + 1) * 127.5)`` clipped to [0, 255],
-the inverse of the input scaling x / 127.5 - 1. Single-process only.
+Conversion to uint8 rounds (`ddpm_jax.builders.to_uint8`): ``round((x + 1) *
+127.5)`` clipped to [0, 255], the inverse of the input scaling x / 127.5 - 1.
+Single-process only.
 """
 
 from __future__ import annotations
@@ -38,35 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_jax import diffusion, sampling, schedules
-from ddpm_jax.unet import UNet, UNetConfig
-
-
-def build_model(meta: dict[str, Any]) -> UNet:
-    """The UNet described by ``meta["model"]`` (out_ch from it, else from the data and var type)."""
-    model_cfg = dict(meta["model"])
-    var_type = meta["diffusion"]["var_type"]
-    learned = var_type in diffusion.LEARNED_VAR_TYPES
-    out_ch = model_cfg.pop("out_ch", meta["data"]["channels"] * (2 if learned else 1))
-    return UNet(UNetConfig.from_config(model_cfg, out_ch=int(out_ch)))
-
-
-def build_schedule(meta: dict[str, Any]) -> diffusion.Schedule:
-    """The diffusion schedule described by ``meta["diffusion"]``."""
-    d = meta["diffusion"]
-    betas = schedules.get_beta_schedule(
-        d["beta_schedule"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-        num_timesteps=d["num_timesteps"])
-    return diffusion.make_schedule(betas)
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] floats -> uint8 [0, 255], rounding to the nearest level."""
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+from ddpm_jax import builders, sampling
+from ddpm_jax.unet import UNet
 
 
 class _BatchSampler:
@@ -76,10 +54,8 @@ class _BatchSampler:
                  clip_denoised, guided, devices):
         dcfg = dict(diffusion_items)
         model = UNet(model_config)
-        s = build_schedule({"diffusion": dcfg})
-        mesh = Mesh(np.asarray(devices), ("data",))
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        self.param_sharding = NamedSharding(mesh, PartitionSpec())
+        s = builders.schedule(dcfg)
+        self.batch_sharding, self.param_sharding = builders.data_shardings(devices)
 
         def run(params, key, offset, labels, w):
             def model_fn(x, t, y=None):
@@ -91,7 +67,7 @@ class _BatchSampler:
                 num_steps=num_steps, eta=eta, labels=labels,
                 guidance_scale=w if guided else None, null_label=model_config.num_classes,
                 index_offset=offset, sharding=self.batch_sharding)
-            return to_uint8(x)
+            return builders.to_uint8(x)
 
         self._run = jax.jit(run, out_shardings=self.batch_sharding)
 
@@ -148,7 +124,7 @@ def generate(
     if batch_size < 1 or batch_size % len(devices):
         raise ValueError(f"batch_size must be a positive multiple of the device count "
                          f"({len(devices)}), got {batch_size}.")
-    model = build_model(meta)
+    model = builders.unet_from_meta(meta)
     num_classes = model.config.num_classes
     if num_classes is None and (class_label is not None or guidance_scale is not None):
         raise ValueError("class_label and guidance_scale need a class-conditional model "
@@ -186,24 +162,11 @@ def generate(
     return result
 
 
-def image_grid(images: np.ndarray, num: int = 64) -> np.ndarray:
-    """Tiles the first `num` images [N, H, W, C] into one [rows*H, cols*W, C] uint8 image."""
-    images = images[:num]
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
-
-
 def write_outputs(result: dict[str, np.ndarray], out_dir: str, *, grid_size: int = 64) -> None:
     """Writes samples.npz (images [, labels]) and samples.png into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "samples.npz"), **result)
-    grid = image_grid(result["images"], grid_size)
+    grid = builders.image_grid(result["images"][:grid_size])
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
         os.path.join(out_dir, "samples.png"))
 

@@ -45,9 +45,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import checkpoint, diffusion, input_pipeline, parallel, sampling, schedules
+from ddpm_jax import builders, checkpoint, diffusion, input_pipeline, parallel, sampling, schedules
 from ddpm_jax import summary as summary_lib
-from ddpm_jax.unet import UNet, UNetConfig
+from ddpm_jax.unet import UNet
 
 PyTree = Any
 
@@ -126,7 +126,7 @@ def validate_config(config: Any) -> None:
                                 beta_start=config.diffusion.beta_start,
                                 beta_end=config.diffusion.beta_end,
                                 num_timesteps=config.diffusion.num_timesteps)
-    unet_config(config).validate(config.data.image_size)
+    builders.unet_config(config).validate(config.data.image_size)
     t = config.training
     positive = ("batch_size", "num_train_steps", "steps_per_call", "log_every",
                 "checkpoint_every", "sample_every", "keep_checkpoints")
@@ -144,16 +144,9 @@ def validate_config(config: Any) -> None:
                          f"grad_clip={o.grad_clip}.")
 
 
-def unet_config(config: Any) -> UNetConfig:
-    """The U-Net's typed config from config.model and the data channels."""
-    return UNetConfig.from_config(config.model, out_ch=checkpoint.out_channels(config))
-
-
-def make_schedule(config: Any) -> diffusion.Schedule:
-    d = config.diffusion
-    betas = schedules.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start,
-                                        beta_end=d.beta_end, num_timesteps=d.num_timesteps)
-    return diffusion.make_schedule(betas)
+# The builders train has always exported (benchmarks/tpu_aot.py and bench_train.py use them).
+unet_config = builders.unet_config
+make_schedule = builders.schedule
 
 
 def learning_rate_fn(config: Any) -> optax.Schedule:
@@ -176,7 +169,7 @@ def init_train_state(config: Any, key: jax.Array) -> TrainState:
     jit-able and ``jax.eval_shape``-able: ``jax.eval_shape(functools.partial(
     init_train_state, config), key)`` gives the state's shapes without computing it.
     """
-    model = UNet(unet_config(config))
+    model = UNet(builders.unet_config(config))
     size, channels = config.data.image_size, config.data.channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -216,11 +209,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
       (new state, metrics): metrics "loss", "grad_norm", "lr", averaged over devices.
     """
     d, o = config.diffusion, config.optim
-    sched = make_schedule(config)
+    sched = builders.schedule(config)
     device = jax.lax.axis_index(parallel.AXIS)
     key = jax.random.fold_in(jax.random.fold_in(key, state.step), device)
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
-    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    x = builders.from_uint8(batch["image"])
     b = x.shape[0]
     t = jax.random.randint(t_key, (b,), 0, sched.num_timesteps, dtype=jnp.int32)
     noise = jax.random.normal(noise_key, x.shape, jnp.float32)
@@ -280,7 +273,7 @@ def multi_step(state: TrainState, batches: dict[str, jax.Array], key_data: jax.A
 
 def make_train_fn(config: Any, dp: parallel.DataParallel) -> Callable:
     """The compiled ``(state, batches, key_data) -> (state, metrics)`` for all devices."""
-    model = UNet(unet_config(config))
+    model = UNet(builders.unet_config(config))
     return dp.compile_step(functools.partial(multi_step, model=model, config=config))
 
 
@@ -289,8 +282,8 @@ def make_train_fn(config: Any, dp: parallel.DataParallel) -> Callable:
 
 def make_sample_fn(config: Any) -> Callable[[PyTree, jax.Array, int], jax.Array]:
     """Jitted ``(params, key, n) -> uint8 [n, H, W, C]`` samples (use the EMA params)."""
-    model = UNet(unet_config(config))
-    sched = make_schedule(config)
+    model = UNet(builders.unet_config(config))
+    sched = builders.schedule(config)
     d, s = config.diffusion, config.sampling
     shape_hw = (config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -302,21 +295,9 @@ def make_sample_fn(config: Any) -> Callable[[PyTree, jax.Array, int], jax.Array]
         x = sampling.sample(sched, model_fn, key, (n, *shape_hw), mean_type=d.mean_type,
                             var_type=d.var_type, clip_denoised=s.clip_denoised,
                             sampler=s.sampler, num_steps=s.num_steps)
-        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return builders.to_uint8(x)
 
     return sample
-
-
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*(H+1)+1, cols*(W+1)+1, C] grid image."""
-    n, h, w, c = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[1 + r * (h + 1):(r + 1) * (h + 1), 1 + q * (w + 1):(q + 1) * (w + 1)] = images[i]
-    return grid
 
 
 def write_samples(workdir: str, step: int, images: np.ndarray) -> str:
@@ -327,7 +308,7 @@ def write_samples(workdir: str, step: int, images: np.ndarray) -> str:
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, f"step_{step:08d}")
     np.savez_compressed(base + ".npz", images=images)
-    grid = image_grid(images)
+    grid = builders.image_grid(images, border=1)
     scale = max(1, 256 // max(grid.shape[:2]))
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(base + ".png")

@@ -1,5 +1,8 @@
 """Tests for ddpm_jax.builders against closed forms computed here in numpy."""
 
+import ast
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,8 @@ import pytest
 
 from ddpm_jax import builders, checkpoint, diffusion, parallel
 from ddpm_jax.config_lib import load_config
+
+ROOT = pathlib.Path(__file__).parent.parent
 
 
 def _config(**diffusion_fields):
@@ -138,3 +143,19 @@ def test_data_mesh():
     x = jax.device_put(np.arange(8.0), data)
     assert [s.data.shape for s in x.addressable_shards] == [(2,)] * 4
 
+
+def test_no_module_imports_a_command_line_module():
+    commands = {"ddpm_jax.generate", "ddpm_jax.metrics.cli", "ddpm_jax.digits_quality",
+                "run_train"}
+    for path in sorted((ROOT / "ddpm_jax").rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            imported = (set(names) & commands) - {module}
+            assert not imported, f"{module} imports the command-line module(s) {imported}"

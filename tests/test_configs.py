@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ddpm_jax import train, unet
+from ddpm_jax import builders, train, unet
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 ALL = ("default", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits",
@@ -69,7 +69,7 @@ def test_256_configs_override_default(name, data, flip, steps):
 
 
 def _num_params(config):
-    shapes = unet.param_shapes(train.unet_config(config), config.data.image_size,
+    shapes = unet.param_shapes(builders.unet_config(config), config.data.image_size,
                                config.data.channels)
     return sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(shapes))
 

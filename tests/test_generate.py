@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import diffusion, generate, sampling, schedules
+from ddpm_jax import builders, diffusion, generate, sampling, schedules
 from ddpm_jax.unet import UNet, UNetConfig
 
 T = 8
@@ -79,7 +79,7 @@ def test_matches_sampler_on_one_device():
                             num_steps=3, eta=0.5, progress=False)["images"]
     s = diffusion.make_schedule(schedules.get_beta_schedule(
         "linear", beta_start=1e-4, beta_end=0.2, num_timesteps=T))
-    model = generate.build_model(meta)
+    model = builders.unet_from_meta(meta)
     x = jax.jit(lambda k: sampling.sample(
         s, lambda x, t: model.apply({"params": params}, x, t), k, (8, SIZE, SIZE, CHANNELS),
         mean_type="eps", var_type="fixedlarge", sampler="ddim", num_steps=3, eta=0.5))(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, diffusion, parallel, schedules, summary, train
+from ddpm_jax import builders, checkpoint, diffusion, parallel, schedules, summary, train
 from ddpm_jax.config_lib import load_config
 from ddpm_jax.unet import UNet
 
@@ -37,7 +37,7 @@ def _batches(n_calls, k, batch, seed=0):
 def _run(config, mode, batches, traced=None):
     dp = parallel.DataParallel(mode)
     state = dp.to_device(dp.replicate(train.create_train_state(config, jax.random.key(0))))
-    fn = functools.partial(train.multi_step, model=UNet(train.unet_config(config)),
+    fn = functools.partial(train.multi_step, model=UNet(builders.unet_config(config)),
                            config=config)
     def per_device(state, batches, key_data):
         return fn(state, batches, key_data)
@@ -83,7 +83,7 @@ def test_steps_per_call_is_the_same_training():
 
 def _reference_update(config, batch, clip_per_replica):
     """One step by hand: per-device losses/grads on a single device, then clip, Adam, EMA."""
-    model = UNet(train.unet_config(config))
+    model = UNet(builders.unet_config(config))
     init = train.create_train_state(config, jax.random.key(0))
     sched = diffusion.make_schedule(schedules.get_beta_schedule(
         "linear", num_timesteps=config.diffusion.num_timesteps))

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ddpm_jax import builders
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -348,9 +349,7 @@ def load_inception_params(path: str | os.PathLike) -> dict:
 @functools.lru_cache(maxsize=8)
 def _sharded_apply(devices: tuple[jax.Device, ...]):
     """One jitted InceptionV3 per device set, so that extractors share compilations."""
-    mesh = Mesh(np.array(devices), ("data",))
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    data, replicated = builders.data_shardings(devices)
     model = InceptionV3()
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x),
                     in_shardings=(replicated, data), out_shardings=replicated)

@@ -30,9 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import diffusion, generate, schedules
+from ddpm_jax import builders, diffusion
 from ddpm_jax.unet import UNet, UNetConfig
 
 DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
@@ -40,7 +39,7 @@ DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 
 def model_and_schedule(meta: Mapping[str, Any]) -> tuple[UNet, diffusion.Schedule]:
     """The U-Net and schedule described by a checkpoint's meta (see ``checkpoint.load_params``)."""
-    return generate.build_model(meta), generate.build_schedule(meta)
+    return builders.unet_from_meta(meta), builders.schedule(meta)
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,16 +47,11 @@ def _sharded_bpd(config: UNetConfig, diffusion_items: tuple, clip_denoised: bool
                  devices: tuple[jax.Device, ...]):
     d = dict(diffusion_items)
     model = UNet(config)
-    betas = schedules.get_beta_schedule(
-        d["beta_schedule"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-        num_timesteps=d["num_timesteps"])
-    s = diffusion.make_schedule(betas)
-    mesh = Mesh(np.array(devices), ("data",))
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    s = builders.schedule(d)
+    data, replicated = builders.data_shardings(devices)
 
     def one(params, x_uint8, index, key):
-        x0 = x_uint8.astype(jnp.float32)[None] / 127.5 - 1.0
+        x0 = builders.from_uint8(x_uint8)[None]
         y = None
         if config.num_classes is not None:  # unconditional: the null class
             y = jnp.full((1,), config.num_classes, jnp.int32)
