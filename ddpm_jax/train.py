@@ -158,9 +158,19 @@ def learning_rate_fn(config: Any) -> optax.Schedule:
 
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
-    """Adam with the warm-up schedule (clipping happens in the step, around the pmean)."""
+    """Global-norm clipping of the averaged gradient, then Adam with the warm-up schedule.
+
+    The clipping is ``optax.clip_by_global_norm`` in the chain, unless it is off
+    (``optim.grad_clip`` 0) or per replica (``optim.clip_per_replica``: then the
+    step clips each device's gradient before the pmean). Either way the chain has
+    the same two stages (``optax.identity`` in place of the clipping), so the
+    optimizer state, and with it a checkpoint, does not depend on these options.
+    """
     o = config.optim
-    return optax.adam(learning_rate_fn(config), b1=o.beta1, b2=o.beta2, eps=o.eps)
+    clip = o.grad_clip and not o.clip_per_replica
+    return optax.chain(
+        optax.clip_by_global_norm(float(o.grad_clip)) if clip else optax.identity(),
+        optax.adam(learning_rate_fn(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
 
 
 def init_train_state(config: Any, key: jax.Array) -> TrainState:
@@ -186,12 +196,6 @@ def create_train_state(config: Any, key: jax.Array) -> TrainState:
 
 
 # --------------------------------------------------------------------------- the step
-
-
-def _clip(grads: PyTree, max_norm: float) -> PyTree:
-    norm = optax.tree.norm(grads)
-    scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
-    return jax.tree.map(lambda g: g * scale, grads)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
@@ -232,20 +236,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
     # of the invariant params themselves would already be summed over devices by shard_map.
     local_params = jax.lax.pcast(state.params, parallel.AXIS, to="varying")
     loss, grads = jax.value_and_grad(loss_fn)(local_params)
-    clip = float(o.grad_clip or 0.0)
-    if clip and o.clip_per_replica:
+    if o.grad_clip and o.clip_per_replica:
         grad_norm = jax.lax.pmean(optax.tree.norm(grads), parallel.AXIS)
-        grads = jax.lax.pmean(_clip(grads, clip), parallel.AXIS)
-    else:
+        clip = optax.clip_by_global_norm(float(o.grad_clip))
+        grads = jax.lax.pmean(clip.update(grads, clip.init(grads))[0], parallel.AXIS)
+    else:  # the optimizer chain clips the averaged gradient (make_optimizer)
         grads = jax.lax.pmean(grads, parallel.AXIS)
         grad_norm = optax.tree.norm(grads)
-        if clip:
-            grads = _clip(grads, clip)
-    tx = make_optimizer(config)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.training.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    # ema <- decay * ema + (1 - decay) * params
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - config.training.ema_decay)
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
                            opt_state=opt_state)
     metrics = {"loss": jax.lax.pmean(loss, parallel.AXIS), "grad_norm": grad_norm,
@@ -432,13 +433,15 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                 step)
                 break
             if t_cfg.num_samples and _crossed(before, step, t_cfg.sample_every):
-                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead)
+                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
+                        writer)
                 sampled_at = step
         final = dp.to_global(state)
         if not preempt.requested:
             ckpt.save(step, final, meta(step))
             if t_cfg.num_samples and sampled_at != step:
-                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead)
+                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
+                        writer)
     finally:
         preempt.restore()
         ckpt.close()
@@ -451,11 +454,13 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     return final
 
 
-def _sample(sample_fn, dp, state, key, step, n, workdir, lead) -> None:
+def _sample(sample_fn, dp, state, key, step, n, workdir, lead, writer=None) -> None:
     params = dp.first(state.ema_params)
     images = np.asarray(sample_fn(params, jax.random.fold_in(key, step), n))
     if lead:
         path = write_samples(workdir, step, images)
+        if writer is not None:
+            writer.images(step, {"samples": images})
         logging.info("samples at step %d: %s", step, path)
 
 
