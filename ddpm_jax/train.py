@@ -30,6 +30,7 @@ that call). Only process 0 writes logs and images.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import sys
@@ -138,10 +139,16 @@ def validate_config(config: Any) -> None:
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}.")
     o = config.optim
-    if o.lr <= 0 or o.warmup_steps < 0 or (o.grad_clip or 0) < 0:
-        raise ValueError("config.optim: lr must be > 0, warmup_steps >= 0 and grad_clip >= 0 "
-                         f"(0 disables clipping); got lr={o.lr}, warmup_steps={o.warmup_steps}, "
-                         f"grad_clip={o.grad_clip}.")
+    finite = all(math.isfinite(float(v or 0)) for v in (o.lr, o.grad_clip, o.beta1, o.beta2, o.eps))
+    if not finite or o.lr <= 0 or o.warmup_steps < 0 or (o.grad_clip or 0) < 0:
+        raise ValueError("config.optim: lr must be a finite number > 0, warmup_steps >= 0 and "
+                         "grad_clip a finite number >= 0 (0 disables clipping), beta1, beta2 and "
+                         f"eps finite; got lr={o.lr}, warmup_steps={o.warmup_steps}, "
+                         f"grad_clip={o.grad_clip}, beta1={o.beta1}, beta2={o.beta2}, eps={o.eps}.")
+    if config.diffusion.num_timesteps < 2:
+        raise ValueError(f"config.diffusion.num_timesteps must be >= 2, got "
+                         f"{config.diffusion.num_timesteps} (the posterior at t = 0 borrows the "
+                         "t = 1 variance).")
 
 
 # The builders train has always exported (benchmarks/tpu_aot.py and bench_train.py use them).
@@ -406,11 +413,14 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             if not np.all(np.isfinite(metrics["loss"])):
                 bad = before + int(np.argmin(np.isfinite(metrics["loss"]))) + 1
                 ckpt.wait()
+                last = ckpt.latest_step()
+                where = (f"The last good checkpoint is step {last} in {ckpt.directory}"
+                         if last is not None else
+                         f"No checkpoint was written yet (none in {ckpt.directory})")
                 raise NonFiniteLossError(
                     f"the loss became {metrics['loss'][bad - before - 1]} at step {bad}; stopped "
-                    f"without saving. The last good checkpoint is step {ckpt.latest_step()} in "
-                    f"{ckpt.directory}. Lower optim.lr, raise optim.warmup_steps or enable "
-                    "optim.grad_clip, then resume."
+                    f"without saving. {where}. Lower optim.lr, raise optim.warmup_steps or "
+                    "enable optim.grad_clip, then resume."
                 )
             if bar is not None:
                 bar.update(step - before)

@@ -194,6 +194,19 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch):
     c.data.image_size = 12
     with pytest.raises(ValueError, match="image size 12"):
         train.train_and_evaluate(c, str(tmp_path))
+    # Non-finite optimizer settings and T = 1 used to start training (a NaN grad_clip
+    # silently disabled clipping); they fail in validation now.
+    for field, value in (("lr", float("nan")), ("lr", float("inf")),
+                         ("grad_clip", float("nan"))):
+        c = tiny_config()
+        c.optim[field] = value
+        with pytest.raises(ValueError, match=f"{field}={value}"):
+            train.train_and_evaluate(c, str(tmp_path))
+    c = tiny_config()
+    c.diffusion.num_timesteps = 1
+    with pytest.raises(ValueError, match="num_timesteps must be >= 2"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing written
 
 
 def test_summary_writer_records(tmp_path):
