@@ -44,7 +44,7 @@ _STEPS_PER_CALL = flags.DEFINE_string(
 
 
 def _setup(config, batch: int, k: int):
-    """State, compiled train call, batches and key for k steps per call at one batch size."""
+    """Mesh helper, state, compiled train call, batches and key for k steps per call."""
     config = config.copy_and_resolve_references()
     config.training.batch_size = batch
     config.training.steps_per_call = k
@@ -58,14 +58,14 @@ def _setup(config, batch: int, k: int):
         "image": rng.integers(0, 256, (k, local, size, size, channels), dtype=np.uint8),
         "label": np.zeros((k, local), np.int32),
     })
-    return state, train_fn, batches, jax.random.key_data(jax.random.key(1))
+    return dp, state, train_fn, batches, jax.random.key_data(jax.random.key(1))
 
 
 def compare_steps_per_call(config, batch: int, ks: list[int], rounds: int) -> list[dict]:
     """Seconds per step of the train call for each k, timed in alternation (same load)."""
     runs = {}
     for k in ks:
-        state, fn, batches, key_data = _setup(config, batch, k)
+        _, state, fn, batches, key_data = _setup(config, batch, k)
         start = time.perf_counter()
         state, metrics = fn(state, batches, key_data)
         jax.block_until_ready(metrics)
@@ -93,17 +93,8 @@ def bench_one(config, batch: int, repeats: int) -> dict:
     """Compiles and times the train call at one global batch size."""
     config.training.batch_size = batch
     k = config.training.steps_per_call
-    dp = parallel.DataParallel(config.parallelism)
-    local = dp.local_batch_size(batch)
-    state = dp.to_device(dp.replicate(train.create_train_state(config, jax.random.key(0))))
-    train_fn = train.make_train_fn(config, dp)
     size, channels = config.data.image_size, config.data.channels
-    rng = np.random.default_rng(0)
-    batches = dp.shard_batch({
-        "image": rng.integers(0, 256, (k, local, size, size, channels), dtype=np.uint8),
-        "label": np.zeros((k, local), np.int32),
-    })
-    key_data = jax.random.key_data(jax.random.key(1))
+    dp, state, train_fn, batches, key_data = _setup(config, batch, k)
 
     start = time.perf_counter()
     state, metrics = train_fn(state, batches, key_data)

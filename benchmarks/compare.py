@@ -51,6 +51,16 @@ def _serve(measure: dict, info: dict) -> None:
         print("done " + json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
+def _first_calls(run_train, run_sample) -> tuple[float, float]:
+    """Seconds of the first train and sampling measurement (compilation, warm-up)."""
+    seconds = []
+    for run in (run_train, run_sample):
+        start = time.perf_counter()
+        run(1)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def _jax_worker(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -102,12 +112,7 @@ def _jax_worker(args) -> None:
             out = sample(params, jax.random.key(2), x_init)
         jax.block_until_ready(out)
 
-    start = time.perf_counter()
-    run_train(1)
-    train_first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    run_sample(1)
-    sample_first_s = time.perf_counter() - start
+    train_first_s, sample_first_s = _first_calls(run_train, run_sample)
     import flax
 
     info = {"framework": "jax", "num_params": sum(x.size for x in jax.tree.leaves(params)),
@@ -143,12 +148,7 @@ def _torch_worker(args) -> None:
             peer.forward(x0, t)
         peer.sync()
 
-    start = time.perf_counter()
-    run_train(1)
-    train_first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    run_sample(1)
-    sample_first_s = time.perf_counter() - start
+    train_first_s, sample_first_s = _first_calls(run_train, run_sample)
     import diffusers
 
     info = {"framework": "torch", "num_params": peer.num_params, "preset": preset,
