@@ -281,6 +281,14 @@ def roofline(flops: float, bytes_accessed: float, chip: Chip, devices_per_chip: 
 # --------------------------------------------------------------------------- one compile
 
 
+class DoesNotFit(RuntimeError):
+    """The TPU compiler ran out of HBM; ``record`` says for what."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 def setup(config, what: str) -> dict[str, Any]:
     """The fields that identify a compiled setup apart from its batch size."""
     return {
@@ -330,7 +338,19 @@ def compile_one(config, topology: str, parallelism: str, what: str,
     lowered = (lower_train if what == "train" else lower_sample)(config, dp, global_batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA:TPU refuses a program that does not fit the HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DoesNotFit(str(e), {
+            "what": what, "topology": topology, "device_kind": devices[0].device_kind,
+            "chip": chip.name, "devices": n, "devices_per_chip": per_chip,
+            "parallelism": dp.parallelism if what == "train" else "jit",
+            "global_batch": global_batch, "per_device_batch": per_device,
+            "setup": setup(config, what), "compile_s": round(time.perf_counter() - start, 2),
+            "hbm_per_device_bytes": int(chip.hbm_gib * GIB / per_chip), "fits_hbm": False,
+            "error": str(e)[:3000]}) from e
     compile_s = time.perf_counter() - start
 
     text = compiled.as_text()
@@ -456,7 +476,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:.2f}"
+    return f"{x / GIB:.3g}"
 
 
 def table(records: list[dict]) -> str:
@@ -465,7 +485,16 @@ def table(records: list[dict]) -> str:
             "| per-device GiB: args / temp / code / total of HBM | GFLOP per image "
             "| ratio | roofline images/s (bound) | largest global batch (linear fit) |")
     rows = [head, "|" + "---|" * 12]
-    for r in records:
+    order = lambda r: (r["config"], r["what"], r["chip"], r["devices"], r["parallelism"],
+                       r["setup"]["remat"], r["global_batch"])
+    for r in sorted(records, key=order):
+        if "error" in r:
+            rows.append(
+                f"| {r['config']} | {r['topology']} ({r['devices']} devices) "
+                f"| {r['parallelism']} | {r['what']} | {r['setup']['remat']} "
+                f"| {r['global_batch']} | {r['compile_s']:.0f} | does not fit the HBM "
+                f"(the compiler's RESOURCE_EXHAUSTED) | - | - | - | - |")
+            continue
         m = r["memory_per_device_bytes"]
         mem = (f"{_gib(m['arguments'])} / {_gib(m['temporaries'])} / "
                f"{_gib(m['generated_code'])} / {_gib(m['total'])} of "
@@ -476,14 +505,19 @@ def table(records: list[dict]) -> str:
         if r["what"] == "sample":
             gflop += " per image-step"
         roof = r["roofline"]
+        speed = f"{roof['images_per_s']:,.0f} ({roof['bound']})"
+        if r["what"] == "sample":
+            speed += f"; {roof['image_steps_per_s']:,.0f} image-steps/s"
+        what = r["what"]
+        if what == "train" and r["setup"]["steps_per_call"] > 1:
+            what += f" (k={r['setup']['steps_per_call']}, scan)"
         fit = r.get("batch_fit")
         fit = (f"{fit['max_global_batch']} (fit on per-device {fit['per_device_batches']})"
                if fit and fit.get("max_global_batch") is not None else "-")
         rows.append(
             f"| {r['config']} | {r['topology']} ({r['devices']} devices) | {r['parallelism']} "
-            f"| {r['what']} | {r['setup']['remat']} | {r['global_batch']} "
-            f"| {r['compile_s']:.0f} | {mem} | {gflop} | {ratio} "
-            f"| {roof['images_per_s']:,.0f} ({roof['bound']}) | {fit} |")
+            f"| {what} | {r['setup']['remat']} | {r['global_batch']} "
+            f"| {r['compile_s']:.0f} | {mem} | {gflop} | {ratio} | {speed} | {fit} |")
     return "\n".join(rows)
 
 
@@ -588,9 +622,12 @@ def main(argv: list[str] | None = None) -> int:
                         if "remat" not in config.model:
                             config.model.remat = "none"
                     apply_overrides(config, overrides)
-                    record = compile_one(config, topology,
-                                         parallelism if what == "train" else "shard_map",
-                                         what, batch, with_forward=not args.no_forward)
+                    try:
+                        record = compile_one(config, topology,
+                                             parallelism if what == "train" else "shard_map",
+                                             what, batch, with_forward=not args.no_forward)
+                    except DoesNotFit as e:
+                        record = e.record
                     record = {
                         "benchmark": "tpu_aot",
                         "config": pathlib.Path(args.config).stem,
@@ -603,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                         "git": git_state(),
                         "host_cpu_count": os.cpu_count(),
                     }
-                    same = [r for r in previous if setup_key(r) == setup_key(record)]
-                    fit = linear_fit([*same, record])
+                    same = [r for r in previous
+                            if setup_key(r) == setup_key(record) and "error" not in r]
+                    fit = None if "error" in record else linear_fit([*same, record])
                     if fit:
                         record["batch_fit"] = fit
                     previous.append(record)
