@@ -457,6 +457,9 @@ def linear_fit(records: list[dict]) -> dict | None:
     max_per_device = int((limit - intercept) // slope) if slope > 0 else None
     return {
         "method": "linear fit of memory_per_device_bytes.total over 2 compiled batch sizes",
+        # a < 0 means the memory grew faster than linearly between the two batches (the
+        # compiler chose differently), so the line does not extrapolate.
+        "linear": intercept >= 0,
         "per_device_batches": [b0, b1],
         "a_bytes": intercept,
         "b_bytes_per_image": slope,
@@ -513,8 +516,13 @@ def table(records: list[dict]) -> str:
         if what == "train" and r["setup"]["steps_per_call"] > 1:
             what += f" (k={r['setup']['steps_per_call']}, scan)"
         fit = r.get("batch_fit")
-        fit = (f"{fit['max_global_batch']} (fit on per-device {fit['per_device_batches']})"
-               if fit and fit.get("max_global_batch") is not None else "-")
+        if fit and fit["a_bytes"] < 0:
+            fit = (f"none: not linear (per-device {fit['per_device_batches']} give "
+                   f"a = {fit['a_bytes'] / GIB:.1f} GiB)")
+        elif fit and fit.get("max_global_batch") is not None:
+            fit = f"{fit['max_global_batch']} (fit on per-device {fit['per_device_batches']})"
+        else:
+            fit = "-"
         rows.append(
             f"| {r['config']} | {r['topology']} ({r['devices']} devices) | {r['parallelism']} "
             f"| {what} | {r['setup']['remat']} | {r['global_batch']} "
