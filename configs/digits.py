@@ -7,13 +7,11 @@ Command (from the repository root; writes ./runs/digits):
 Data: scikit-learn's 8x8 digits (1,500 training images, shipped with
 scikit-learn, no download), one channel scaled to 0..255, no flips.
 
-Hardware and time: 2 CPU cores. The train step runs at about 5.6 steps/s
-(batch 128) on an otherwise idle 2-core machine, so the 2,500 steps take
-about 7.5 minutes, plus about a minute for start-up, compilation and the final
-64 samples (1000 DDPM steps): about 8.5 minutes. Measured: 10 min 18 s wall
-on a shared 2-core machine (load average 1.7-5 from other jobs; 16.5 minutes
-at a load average of 8-12). For a shorter run, e.g.
---config.training.num_train_steps=1800.
+Hardware and time: 2 CPU cores. Measured on an idle 2-core machine: 7 min 17 s
+wall in all (start-up, compilation and the final 64 samples with 1000 DDPM
+steps included), the train step logging 6.3 to 6.6 steps/s at batch 128
+(the "run_train" record in benchmarks/results/cpu.jsonl). For a shorter run,
+e.g. --config.training.num_train_steps=1800.
 
 Expected result: samples/step_*.png shows recognizable digits. Measured with
 ``python -m ddpm_jax.digits_quality runs/digits`` (1,000 DDPM samples, 1000
