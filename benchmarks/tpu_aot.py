@@ -72,7 +72,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import parallel, sampling, train
+from ddpm_jax import builders, parallel, sampling, train
 from ddpm_jax.config_lib import load_config
 from ddpm_jax.unet import UNet
 
@@ -201,8 +201,8 @@ def lower_train(config, dp: parallel.DataParallel, global_batch: int):
 
 def lower_sample(config, dp: parallel.DataParallel, global_batch: int):
     """The ancestral sampler (one lax.scan over all T steps) lowered for dp's devices."""
-    model = UNet(train.unet_config(config))
-    sched = train.make_schedule(config)
+    model = UNet(builders.unet_config(config))
+    sched = builders.schedule(config)
     d, s = config.diffusion, config.sampling
     size, channels = config.data.image_size, config.data.channels
     sharding = NamedSharding(dp.mesh, P(parallel.AXIS))
@@ -213,7 +213,7 @@ def lower_sample(config, dp: parallel.DataParallel, global_batch: int):
                             (global_batch, size, size, channels), mean_type=d.mean_type,
                             var_type=d.var_type, clip_denoised=s.clip_denoised,
                             sharding=sharding)
-        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        return builders.to_uint8(x)
 
     params = _abstract(state_shapes(config).ema_params, dp.replicated)
     key_data = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=dp.replicated)
@@ -222,7 +222,7 @@ def lower_sample(config, dp: parallel.DataParallel, global_batch: int):
 
 def lower_forward(config, dp: parallel.DataParallel, global_batch: int):
     """One forward pass of the U-Net (eval mode) at this global batch, sharded over dp."""
-    model = UNet(train.unet_config(config))
+    model = UNet(builders.unet_config(config))
     size, channels = config.data.image_size, config.data.channels
     sharding = NamedSharding(dp.mesh, P(parallel.AXIS))
     params = _abstract(state_shapes(config).params, dp.replicated)
