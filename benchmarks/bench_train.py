@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
-from ddpm_jax import parallel, train
+from ddpm_jax import builders, parallel, train
 from ddpm_jax.unet import UNet
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
@@ -108,7 +108,7 @@ def bench_one(config, batch: int, repeats: int) -> dict:
 
     times = time_calls(call, warmup=1, repeats=repeats)
     best = min(times)
-    model = UNet(train.unet_config(config))
+    model = UNet(builders.unet_config(config))
     params = {"params": jax.tree.map(np.asarray, dp.first(state).params)}
     forward = jax.jit(model.apply).lower(
         params, jnp.zeros((batch, size, size, channels)), jnp.zeros((batch,), jnp.int32))

@@ -7,9 +7,9 @@ device and every process draws different noise), computes the configured loss
 (`diffusion.training_losses`) and its gradient, averages the gradient with
 ``lax.pmean`` over "data", clips it to a global norm, applies Adam with a
 linear warm-up, and updates the EMA of the params after every step.
-`make_train_fn` runs ``training.steps_per_call`` such steps per dispatch (one
-step with no loop around it, or a ``lax.scan``, see `multi_step`) and compiles the result with
-`parallel.DataParallel` (``jax.jit(jax.shard_map(...))`` or ``jax.pmap``),
+`make_train_fn` runs ``training.steps_per_call`` such steps per dispatch (the
+step with no loop around it, or a ``lax.scan``; see `multi_step`) and compiles
+the result with `parallel.DataParallel` (``jax.jit(jax.shard_map(...))`` or ``jax.pmap``),
 donating the state.
 
 Clipping: by default the averaged gradient is clipped (independent of the
@@ -149,11 +149,6 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"config.diffusion.num_timesteps must be >= 2, got "
                          f"{config.diffusion.num_timesteps} (the posterior at t = 0 borrows the "
                          "t = 1 variance).")
-
-
-# The builders train has always exported (benchmarks/tpu_aot.py and bench_train.py use them).
-unet_config = builders.unet_config
-make_schedule = builders.schedule
 
 
 def learning_rate_fn(config: Any) -> optax.Schedule:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import train
+from ddpm_jax import builders, train
 from ddpm_jax.config_lib import load_config
 from ddpm_jax.unet import UNet
 
@@ -81,7 +81,7 @@ def test_memory_is_the_state_plus_the_batch_and_fits_the_hbm(record):
 
 def test_flops_are_about_three_forward_passes(record):
     config = _digits_config()
-    model = UNet(train.unet_config(config))
+    model = UNet(builders.unet_config(config))
     params = jax.eval_shape(functools.partial(train.init_train_state, config),
                             jax.random.key(0)).params
     x = jax.ShapeDtypeStruct((32, 8, 8, 1), jnp.float32)
