@@ -20,6 +20,21 @@ batch size or device count; the last batch is padded and cut, so exactly
 - ``samples.npz``: ``images`` uint8 [N, H, W, C] (the format the FID tool
   reads), plus ``labels`` int32 [N] for class-conditional models.
 - ``samples.png``: a grid of the first --grid_size images.
+- ``samples.json``: the arguments that determine the images (checkpoint and its
+  step, num_samples, batch_size, shard size, seed, sampler, num_steps, eta,
+  clip, class_label, guidance_scale) and the images' shape.
+
+Nothing is lost. Every file is written to a temporary name in its directory and
+renamed over the old one, so a failed write (full disk, kill) leaves the old
+file whole. While sampling, progress is saved every --shard_batches batches as
+``shards/shard_NNNNN.npz`` beside ``shards/manifest.json`` (the same arguments);
+the shards are removed once samples.npz is written. Running the same command
+again resumes from the saved shards and gives exactly the images of an
+uninterrupted run (each batch is computed with the same indices and keys);
+with other arguments it refuses to mix the two runs and asks for a new --out
+or --overwrite (which discards what --out holds of the other run). SIGTERM
+(a preemption) finishes and saves the current shard, then exits with status
+143 and a message saying to rerun the command.
 
 Conversion to uint8 rounds (`ddpm_jax.builders.to_uint8`): ``round((x + 1) *
 127.5)`` clipped to [0, 255], the inverse of the input scaling x / 127.5 - 1.
@@ -30,9 +45,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +62,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_jax import builders, sampling
+from ddpm_jax import builders, fileio, sampling
 from ddpm_jax.unet import UNet
 
 
@@ -96,6 +115,7 @@ def generate(
     class_label: int | None = None,
     guidance_scale: float | None = None,
     progress: bool = True,
+    start: int = 0,
 ) -> dict[str, np.ndarray]:
     """Draws num_samples images over all local devices.
 
@@ -113,6 +133,10 @@ def generate(
         (default: image i gets class i % num_classes).
       guidance_scale: classifier-free guidance weight w (conditional models).
       progress: show a tqdm progress bar.
+      start: global index of the first image: the images with indices start,
+        ..., start + N - 1 of the run of this seed (a slice of a larger run is
+        the same as that run's images there when start is a multiple of
+        batch_size).
 
     Returns:
       {"images": uint8 [N, H, W, C]} plus "labels" int32 [N] for conditional
@@ -120,6 +144,8 @@ def generate(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}.")
     devices = jax.local_devices()
     if batch_size < 1 or batch_size % len(devices):
         raise ValueError(f"batch_size must be a positive multiple of the device count "
@@ -144,7 +170,7 @@ def generate(
     images, labels_out = [], []
     bar = tqdm(total=num_samples, unit="img", disable=not progress, desc="sampling")
     for i in range(num_batches):
-        offset = i * batch_size
+        offset = start + i * batch_size
         labels = None
         if num_classes is not None:
             index = np.arange(offset, offset + batch_size)
@@ -154,7 +180,7 @@ def generate(
             labels = jax.device_put(labels, batch_sharding)
         out = run(params, key, jnp.int32(offset), labels, w)
         images.append(np.asarray(out))
-        bar.update(min(batch_size, num_samples - offset))
+        bar.update(min(batch_size, start + num_samples - offset))
     bar.close()
     result = {"images": np.concatenate(images)[:num_samples]}
     if labels_out:
@@ -163,12 +189,143 @@ def generate(
 
 
 def write_outputs(result: dict[str, np.ndarray], out_dir: str, *, grid_size: int = 64) -> None:
-    """Writes samples.npz (images [, labels]) and samples.png into out_dir."""
+    """Writes samples.npz (images [, labels]) and samples.png into out_dir.
+
+    Each file is written to a temporary name in out_dir and renamed over the old one, so a
+    failed write (a full disk, a kill) leaves the previous file intact.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    np.savez(os.path.join(out_dir, "samples.npz"), **result)
+    fileio.write_npz(os.path.join(out_dir, "samples.npz"), **result)
     grid = builders.image_grid(result["images"][:grid_size])
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
-        os.path.join(out_dir, "samples.png"))
+    with fileio.atomic_path(os.path.join(out_dir, "samples.png")) as tmp:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------
+# Resumable runs: shards of images and a manifest of the arguments that set them.
+
+SHARD_DIR = "shards"
+MANIFEST = "manifest.json"
+DONE = "samples.json"
+
+
+def run_manifest(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """The arguments (and checkpoint step) that determine a run's images and shards."""
+    return {
+        "checkpoint": os.path.abspath(args.checkpoint), "step": meta.get("step"),
+        "num_samples": args.num_samples, "batch_size": args.batch_size,
+        "shard_size": args.batch_size * args.shard_batches, "seed": args.seed,
+        "sampler": args.sampler, "num_steps": args.num_steps, "eta": args.eta,
+        "clip_denoised": not args.no_clip, "class_label": args.class_label,
+        "guidance_scale": args.guidance_scale,
+    }
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON manifest ({e}); remove it or pass "
+                         "--overwrite.") from e
+
+
+def check_out_dir(out_dir: str, manifest: dict[str, Any], *, overwrite: bool) -> bool:
+    """Checks that out_dir holds nothing or a run of the same arguments; True if complete.
+
+    A run with other arguments there raises ValueError listing the differences, unless
+    overwrite, which removes its shards (samples.npz is replaced once the new run ends).
+    """
+    shards = os.path.join(out_dir, SHARD_DIR)
+    for path in (os.path.join(shards, MANIFEST), os.path.join(out_dir, DONE)):
+        old = _read_json(path)
+        if old is None:
+            continue
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in manifest.items()
+                if old.get(k) != v]
+        if diff and not overwrite:
+            raise ValueError(
+                f"{out_dir} holds samples of other arguments ({'; '.join(diff)}; see {path}); "
+                "use a new --out, or pass --overwrite to discard them.")
+        if diff or overwrite:
+            shutil.rmtree(shards, ignore_errors=True)
+            return False
+        return path.endswith(DONE) and os.path.exists(os.path.join(out_dir, "samples.npz"))
+    return False
+
+
+def _load_shard(path: str, count: int) -> dict[str, np.ndarray] | None:
+    """A saved shard of `count` images, or None if absent or unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        shard = fileio.load_npz(path, "a shard of images")
+    except ValueError as e:
+        print(f"{e} Sampling that shard again.", file=sys.stderr)
+        return None
+    return shard if len(shard.get("images", ())) == count else None
+
+
+class _StopOnSigterm:
+    """A context in which SIGTERM only sets ``requested`` (the main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def sample_shards(params, meta, args, manifest, *, stop=None) -> dict[str, np.ndarray]:
+    """Samples the run shard by shard into <out>/shards/, skipping shards already there.
+
+    Shard k holds the images with global indices [k * S, min((k + 1) * S, N)), S =
+    batch_size * shard_batches, each written atomically; so a resumed run computes every
+    batch exactly as an uninterrupted one. If ``stop.requested`` becomes true (SIGTERM), the
+    current shard is finished and saved and SystemExit(143) is raised with a message.
+
+    Returns:
+      the whole run, as `generate` returns it.
+    """
+    shards = os.path.join(args.out, SHARD_DIR)
+    os.makedirs(shards, exist_ok=True)
+    fileio.write_text(os.path.join(shards, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    n, size = args.num_samples, manifest["shard_size"]
+    parts = []
+    bar = tqdm(total=n, unit="img", disable=args.no_progress, desc="sampling")
+    for k, begin in enumerate(range(0, n, size)):
+        count = min(size, n - begin)
+        path = os.path.join(shards, f"shard_{k:05d}.npz")
+        shard = _load_shard(path, count)
+        if shard is None:
+            shard = generate(
+                params, meta, num_samples=count, batch_size=args.batch_size, seed=args.seed,
+                sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
+                clip_denoised=not args.no_clip, class_label=args.class_label,
+                guidance_scale=args.guidance_scale, progress=False, start=begin)
+            fileio.write_npz(path, **shard)
+        parts.append(shard)
+        bar.update(count)
+        if stop is not None and stop.requested and begin + count < n:
+            bar.close()
+            print(f"SIGTERM: stopped after {begin + count} of {n} images, saved in {shards}; "
+                  "run the same command again to resume.", file=sys.stderr)
+            raise SystemExit(143)
+    bar.close()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -190,27 +347,39 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance weight w: (1+w) eps(y) - w eps(null)")
     p.add_argument("--grid_size", type=int, default=64, help="images in samples.png")
+    p.add_argument("--shard_batches", type=int, default=4,
+                   help="batches per saved shard (progress is saved every shard)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard samples or shards of other arguments in --out")
     p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size", "shard_batches", "grid_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point."""
+    """Command-line entry point (exits 143 after saving progress on SIGTERM)."""
     args = _parse(argv)
     from ddpm_jax.checkpoint import load_params  # the training stack, only for the CLI
 
     params, meta = load_params(args.checkpoint)
+    manifest = run_manifest(args, meta)
+    samples = os.path.join(args.out, "samples.npz")
+    if check_out_dir(args.out, manifest, overwrite=args.overwrite):
+        print(f"{samples} already holds these samples; nothing to do.", file=sys.stderr)
+        return
     start = time.perf_counter()
-    result = generate(
-        params, meta, num_samples=args.num_samples, batch_size=args.batch_size,
-        seed=args.seed, sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
-        clip_denoised=not args.no_clip, class_label=args.class_label,
-        guidance_scale=args.guidance_scale, progress=not args.no_progress)
-    elapsed = time.perf_counter() - start
-    write_outputs(result, args.out, grid_size=args.grid_size)
+    with _StopOnSigterm() as stop:
+        result = sample_shards(params, meta, args, manifest, stop=stop)
+        elapsed = time.perf_counter() - start
+        write_outputs(result, args.out, grid_size=args.grid_size)
+        fileio.write_text(os.path.join(args.out, DONE), json.dumps(
+            {**manifest, "shape": list(result["images"].shape)}, indent=2) + "\n")
+        shutil.rmtree(os.path.join(args.out, SHARD_DIR), ignore_errors=True)
     print(f"wrote {len(result['images'])} images {result['images'].shape[1:]} to "
-          f"{os.path.join(args.out, 'samples.npz')} in {elapsed:.1f} s "
-          f"(checkpoint step {meta.get('step')})", file=sys.stderr)
+          f"{samples} in {elapsed:.1f} s (checkpoint step {meta.get('step')})", file=sys.stderr)
 
 
 if __name__ == "__main__":

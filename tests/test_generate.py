@@ -143,3 +143,96 @@ def test_command_line(tmp_path):
     direct = generate.generate(params, meta, num_samples=5, batch_size=8, seed=3, progress=False)
     np.testing.assert_array_equal(images, direct["images"])
     assert np.asarray(Image.open(out / "samples.png")).shape == (2 * SIZE, 3 * SIZE, CHANNELS)
+
+
+def _cli(ckpt, out, *extra):
+    return ["--checkpoint", str(ckpt), "--num_samples", "13", "--batch_size", "8",
+            "--shard_batches", "1", "--seed", "3", "--out", str(out), "--no_progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    from ddpm_jax import checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "params"
+    checkpoint.save_params(str(path), tiny_params(), meta=tiny_meta())
+    return path
+
+
+def test_sigterm_saves_a_shard_and_a_rerun_resumes_to_the_same_images(
+        tmp_path, saved_checkpoint, monkeypatch, capsys):
+    import os
+    import signal
+
+    whole = tmp_path / "whole"
+    generate.main(_cli(saved_checkpoint, whole))
+    with np.load(whole / "samples.npz") as f:
+        expected = f["images"]
+    assert not (whole / "shards").exists()  # removed once samples.npz is written
+
+    # A real SIGTERM while the first of two shards (8 + 5 images) is being written.
+    write_npz = generate.fileio.write_npz
+    calls = []
+
+    def write_then_sigterm(path, **arrays):
+        write_npz(path, **arrays)
+        calls.append(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(generate.fileio, "write_npz", write_then_sigterm)
+    out = tmp_path / "resumed"
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(_cli(saved_checkpoint, out))
+    assert exit_info.value.code == 143
+    assert "stopped after 8 of 13 images" in capsys.readouterr().err
+    assert len(calls) == 1 and not (out / "samples.npz").exists()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "manifest.json", "shard_00000.npz"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+    monkeypatch.undo()
+
+    sampled = []
+    original = generate.generate
+    monkeypatch.setattr(generate, "generate",
+                        lambda *a, **kw: sampled.append(kw["start"]) or original(*a, **kw))
+    generate.main(_cli(saved_checkpoint, out))
+    assert sampled == [8]  # only the missing shard was sampled
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], expected)
+    generate.main(_cli(saved_checkpoint, out))  # complete: nothing to do
+    assert sampled == [8]
+    assert "nothing to do" in capsys.readouterr().err
+
+
+def test_other_arguments_refuse_to_mix(tmp_path, saved_checkpoint):
+    import json
+
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    manifest = generate.run_manifest(generate._parse(_cli(saved_checkpoint, out)), tiny_meta())
+    (out / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"other arguments \(seed: 3 there, 4 now.*--overwrite"):
+        generate.main(_cli(saved_checkpoint, out, "--seed", "4"))
+    assert (out / "shards" / "manifest.json").exists()
+    generate.main(_cli(saved_checkpoint, out, "--seed", "4", "--num_samples", "4",
+                       "--overwrite"))
+    with pytest.raises(ValueError, match="num_samples: 4 there, 13 now"):
+        generate.main(_cli(saved_checkpoint, out, "--seed", "4"))
+
+
+def test_a_failing_write_keeps_the_old_file(tmp_path, monkeypatch):
+    images = np.zeros((3, SIZE, SIZE, CHANNELS), np.uint8)
+    generate.write_outputs({"images": images}, str(tmp_path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def savez_then_fail(file, **arrays):
+        with open(file, "wb") as f:
+            f.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        generate.write_outputs({"images": images + 1}, str(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary left
+    with np.load(tmp_path / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], images)
