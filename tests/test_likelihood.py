@@ -125,3 +125,61 @@ def test_bpd_command(trained_digits, tmp_path):
     with np.load(result["terms"]) as terms:
         assert terms["terms_bpd_mean"].shape == (1000,)
         np.testing.assert_allclose(terms["total_bpd"], direct["total_bpd"], rtol=1e-5)
+
+
+def test_default_reverse_steps():
+    assert likelihood.default_reverse_steps(1000) == likelihood.DEFAULT_REVERSE_STEPS
+    assert likelihood.default_reverse_steps(20) == (20, 18, 16, 14, 12, 10, 8, 6, 4, 2)
+    assert likelihood.default_reverse_steps(4) == (4, 3, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_t20_checkpoint(tmp_path_factory):
+    """A random tiny U-Net for 8x8 digits on a T = 20 schedule, saved as a params dir."""
+    from ddpm_jax import checkpoint
+
+    config = UNetConfig(ch=32, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                        dropout=0.0)
+    shapes = jax.eval_shape(UNet(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                            jnp.zeros((1,), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: 0.05 * rng.standard_normal(leaf.shape, np.float32),
+                          shapes)
+    meta = {"model": config.to_dict(),
+            "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.2,
+                          "num_timesteps": 20, "mean_type": "eps", "var_type": "fixedlarge"},
+            "data": {"image_size": 8, "channels": 1}, "step": 1}
+    path = tmp_path_factory.mktemp("t20") / "params"
+    checkpoint.save_params(str(path), params, meta=meta)
+    return str(path)
+
+
+def test_bpd_command_defaults_follow_the_checkpoint_t(tiny_t20_checkpoint, tmp_path):
+    from ddpm_jax.metrics import cli
+
+    out = tmp_path / "bpd.json"
+    result = cli.main(["bpd", "--checkpoint", tiny_t20_checkpoint, "--dataset", "digits",
+                       "--split", "test", "--max_images", "2", "--batch_size", "8",
+                       "--out", str(out)])
+    assert [r["reverse_step"] for r in result["rate_distortion"]] == list(range(20, 0, -2))
+    assert json.loads(out.read_text())["num_images"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpd.json", "bpd_terms.npz"]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--reverse_steps", "1000"], r"--reverse_steps must lie in \[1, T=20\].*got 1000"),
+    (["--reverse_steps", "20,0"], r"--reverse_steps must lie in \[1, T=20\].*got 0"),
+    (["--image_size", "32"], r"--image_size=32 but the checkpoint .* models 8x8"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--dataset", "npz", "--path", "missing.npz"], "missing.npz: no such file"),
+])
+def test_bpd_command_checks_arguments_before_the_work(tiny_t20_checkpoint, monkeypatch,
+                                                      flags, match):
+    from ddpm_jax.metrics import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before the arguments were checked")
+
+    monkeypatch.setattr(likelihood, "BpdEvaluator", no_work)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        cli.main(["bpd", "--checkpoint", tiny_t20_checkpoint, "--dataset", "digits", *flags])

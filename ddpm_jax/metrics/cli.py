@@ -28,16 +28,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 
 def _write_json(path: str | None, result: dict) -> None:
+    """Prints the result and writes it to path through a temporary file and a rename."""
+    from ddpm_jax import fileio
+
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        fileio.write_text(path, text + "\n")
 
 
 def _extractor(args):
@@ -60,18 +59,34 @@ def _data_cfg(args) -> dict:
     return cfg
 
 
+_IMAGES = "uint8 images [N, H, W, C]"
+
+
 def _is_stats_file(path: str) -> bool:
-    with np.load(path) as f:
+    """True for an .npz of statistics (mu, sigma); a missing or garbage file is one error."""
+    from ddpm_jax import fileio
+
+    with fileio.open_npz(path, f"Inception statistics (mu, sigma) or {_IMAGES}") as f:
         return "mu" in f.files and "sigma" in f.files
+
+
+def _check_images_npz(path: str) -> None:
+    """Raises one clear error for a missing or garbage .npz of images, before the work."""
+    from ddpm_jax import fileio
+
+    with fileio.open_npz(path, _IMAGES):
+        pass
 
 
 def cmd_stats(args) -> dict:
     from ddpm_jax.metrics import fid
 
     start = time.time()
-    extractor = _extractor(args)
     if (args.dataset is None) == (args.images is None):
         raise ValueError("stats: give exactly one of --dataset or --images.")
+    if args.images is not None:
+        _check_images_npz(args.images)
+    extractor = _extractor(args)
     if args.images is not None:
         images = fid.load_images_npz(args.images, args.key)[:args.max_images]
         feats = fid.array_features(extractor, images, progress=True, desc="reference")
@@ -98,6 +113,8 @@ def cmd_fid(args) -> dict:
     from ddpm_jax.metrics import fid
 
     start = time.time()
+    _check_images_npz(args.samples)
+    is_stats = _is_stats_file(args.ref)
     extractor = _extractor(args)
     samples = fid.load_images_npz(args.samples, args.key)
     if args.num_samples is not None:
@@ -105,7 +122,7 @@ def cmd_fid(args) -> dict:
             raise ValueError(f"--num_samples={args.num_samples} but {args.samples} holds "
                              f"{len(samples)} images.")
         samples = samples[:args.num_samples]
-    if _is_stats_file(args.ref):
+    if is_stats:
         ref_stats = fid.load_statistics(args.ref)
     else:
         cache = os.path.splitext(args.ref)[0] + "_inception_stats.npz"
@@ -191,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=None, help="use the first N images")
     p.add_argument("--batch_size", type=int, default=64, help="global batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the q(x_t|x_0) draws")
+    p.add_argument("--reverse_steps", type=lambda s: [int(v) for v in s.split(",")],
+                   default=None, help="comma-separated reverse steps k in [1, T] of the "
+                   "rate-distortion table (default: T, 0.9 T, ..., 0.1 T)")
     p.add_argument("--out", default=None, help="JSON result file; per-t terms go to a .npz "
                    "beside it")
     p.set_defaults(func=cmd_bpd)

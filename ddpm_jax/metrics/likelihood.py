@@ -37,6 +37,26 @@ from ddpm_jax.unet import UNet, UNetConfig
 DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 
 
+def default_reverse_steps(num_timesteps: int) -> tuple[int, ...]:
+    """The reverse steps tabulated by default: T, 0.9 T, ..., 0.1 T (rounded, at least 1).
+
+    For T = 1000 this is ``DEFAULT_REVERSE_STEPS``, the paper's Table 4 rows.
+    """
+    steps = {max(1, round(num_timesteps * j / 10)) for j in range(1, 11)}
+    return tuple(sorted(steps, reverse=True))
+
+
+def check_reverse_steps(reverse_steps: Sequence[int], num_timesteps: int) -> tuple[int, ...]:
+    """Returns reverse_steps as ints, or raises ValueError naming the first outside [1, T]."""
+    steps = tuple(int(k) for k in reverse_steps)
+    bad = [k for k in steps if not 1 <= k <= num_timesteps]
+    if bad or not steps:
+        raise ValueError(f"--reverse_steps must lie in [1, T={num_timesteps}] (the checkpoint's "
+                         f"num_timesteps), got {bad[0] if bad else 'none'}; pass values in "
+                         f"that range or leave the flag out for T, 0.9 T, ..., 0.1 T.")
+    return steps
+
+
 def model_and_schedule(meta: Mapping[str, Any]) -> tuple[UNet, diffusion.Schedule]:
     """The U-Net and schedule described by a checkpoint's meta (see ``checkpoint.load_params``)."""
     return builders.unet_from_meta(meta), builders.schedule(meta)
@@ -198,21 +218,52 @@ def rate_distortion(terms_bpd: np.ndarray, prior_bpd: np.ndarray, mse: np.ndarra
     }
 
 
+def _check_cli_args(args, meta: Mapping[str, Any]) -> tuple[int, ...]:
+    """Checks the bpd command's arguments against the checkpoint, before any work."""
+    num_t = int(meta["diffusion"]["num_timesteps"])
+    steps = (default_reverse_steps(num_t) if args.reverse_steps is None
+             else check_reverse_steps(args.reverse_steps, num_t))
+    size = int(meta["data"]["image_size"])
+    if args.image_size is not None and args.image_size != size:
+        raise ValueError(f"--image_size={args.image_size} but the checkpoint {args.checkpoint} "
+                         f"models {size}x{size} images; leave --image_size out.")
+    if args.dataset == "npz":
+        if args.path is None:
+            raise ValueError("--dataset npz needs --path, an .npz of uint8 images.")
+        from ddpm_jax import fileio
+
+        with fileio.open_npz(args.path, "uint8 images [N, H, W, C]"):
+            pass
+    return steps
+
+
 def run_cli(args, *, write_json) -> dict:
-    """The ``bpd`` command of ``python -m ddpm_jax.metrics`` (see ``ddpm_jax.metrics.cli``)."""
-    from ddpm_jax import checkpoint
+    """The ``bpd`` command of ``python -m ddpm_jax.metrics`` (see ``ddpm_jax.metrics.cli``).
+
+    The arguments are checked before the evaluation: --batch_size and --max_images at once,
+    --reverse_steps (default: T, 0.9 T, ..., 0.1 T of the checkpoint's T) and --image_size
+    against the checkpoint as soon as it is read. The JSON and the ``_terms.npz`` beside it
+    are written through a temporary file and a rename.
+    """
+    from ddpm_jax import checkpoint, fileio
     from ddpm_jax.metrics import fid
 
+    for name in ("batch_size", "max_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}.")
     start = time.time()
     params, meta = checkpoint.load_params(args.checkpoint)
-    cfg = {"name": args.dataset, "image_size": args.image_size or meta["data"]["image_size"],
+    reverse_steps = _check_cli_args(args, meta)
+    cfg = {"name": args.dataset, "image_size": int(meta["data"]["image_size"]),
            "channels": int(meta["data"]["channels"]), "data_dir": args.data_dir,
            "path": args.path}
     evaluator = BpdEvaluator(params, meta, batch_size=args.batch_size)
     batches, total = fid.dataset_batches(cfg, args.split, batch_size=evaluator.batch_size,
                                          max_images=args.max_images)
     out = evaluate(evaluator, batches, jax.random.key(args.seed), total=total, progress=True)
-    rd = rate_distortion(out["terms_bpd"], out["prior_bpd"], out["mse"])
+    rd = rate_distortion(out["terms_bpd"], out["prior_bpd"], out["mse"],
+                         reverse_steps=reverse_steps)
     n = len(out["total_bpd"])
     result = {
         "bpd": float(np.mean(out["total_bpd"])),
@@ -226,9 +277,8 @@ def run_cli(args, *, write_json) -> dict:
     }
     if args.out:
         terms_path = os.path.splitext(args.out)[0] + "_terms.npz"
-        os.makedirs(os.path.dirname(os.path.abspath(terms_path)), exist_ok=True)
-        np.savez(terms_path, total_bpd=out["total_bpd"], prior_bpd=out["prior_bpd"],
-                 terms_bpd_mean=rd["terms_bpd_mean"], mse_mean=rd["mse_mean"])
+        fileio.write_npz(terms_path, total_bpd=out["total_bpd"], prior_bpd=out["prior_bpd"],
+                         terms_bpd_mean=rd["terms_bpd_mean"], mse_mean=rd["mse_mean"])
         result["terms"] = os.path.abspath(terms_path)
     write_json(args.out, result)
     return result
