@@ -4,14 +4,15 @@ Two sources are supported:
 
 * diffusers ``UNet2DModel`` state dicts (e.g. google/ddpm-cifar10-32,
   google/ddpm-church-256): ``unet_params_from_diffusers``. The state dict can
-  be read from a ``.safetensors`` file without torch (``read_safetensors``);
-  ``.bin`` files need torch.
+  be read from a ``.safetensors`` file (``read_safetensors``) or a torch
+  ``.bin`` (``ddpm_jax.metrics.torch_pickle``), both without torch.
 * the authors' TensorFlow checkpoints (e.g. ``model.ckpt-790000`` of the
   CIFAR-10 run): ``unet_params_from_official``, EMA weights by default.
 
 Both return a nested dict of float32 numpy arrays shaped like
 ``UNet(config).init(...)["params"]``; unknown, missing or mis-shaped tensors
-raise ValueError naming them.
+raise ValueError naming them, and so do weights that are NaN or inf (nothing
+is converted then).
 
 Command line (writes an inference checkpoint, see ``ddpm_jax.checkpoint``)::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from ddpm_jax import config_lib
+from ddpm_jax import config_lib, fileio
 from ddpm_jax.unet import UNetConfig, param_shapes
 
 Params = dict[str, Any]
@@ -47,24 +49,56 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _not_safetensors(path: str, reason: str) -> ValueError:
+    return ValueError(f"{path} is not a .safetensors file ({reason}); expected an 8-byte header "
+                      "length, a JSON header and the tensor data, as the safetensors library "
+                      "writes them.")
+
+
+def _read_safetensors_header(path: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the data section of a .safetensors file, checked for size first."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _not_safetensors(path, f"only {size} bytes")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise _not_safetensors(path, f"the header length {n} exceeds the file's {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _not_safetensors(path, f"the header is not JSON: {e}") from e
+        data = f.read()
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "the header is not a JSON object")
+    return header, data
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Reads a .safetensors file into numpy arrays (bfloat16 becomes float32).
 
     The format: an 8-byte little-endian header length N, N bytes of JSON
     ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (plus an
-    optional ``__metadata__`` entry), then the raw little-endian data.
+    optional ``__metadata__`` entry), then the raw little-endian data. A file
+    that does not follow it raises one ValueError naming the file.
     """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
+    header, data = _read_safetensors_header(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            shape = tuple(int(v) for v in info["shape"])
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _not_safetensors(path, f"tensor {name!r} has a malformed entry {info!r}") from e
+        itemsize = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(dtype, "u1")).itemsize
+        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * itemsize:
+            raise _not_safetensors(path, f"tensor {name!r} of {dtype} {list(shape)} does not "
+                                   f"fit its data_offsets [{begin}, {end}]")
         raw = data[begin:end]
-        dtype = info["dtype"]
         if dtype == "BF16":
             bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
             arr = bits.view(np.float32)
@@ -72,7 +106,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             arr = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
         else:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
-        out[name] = arr.reshape(info["shape"]).copy()
+        out[name] = arr.reshape(shape).copy()
     return out
 
 
@@ -80,10 +114,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a diffusers UNet state dict from a file or a model directory.
 
     Args:
-      path: a ``.safetensors`` file (read with numpy), a ``.npz`` file, a
-        torch ``.bin``/``.pt``/``.pth`` file (needs torch), or a directory
+      path: a ``.safetensors`` file, a ``.npz`` file, a torch
+        ``.bin``/``.pt``/``.pth`` file (read without torch by
+        ``ddpm_jax.metrics.torch_pickle``: plain tensors only), or a directory
         holding ``diffusion_pytorch_model.safetensors`` (or ``.bin``),
-        directly or under ``unet/``.
+        directly or under ``unet/``. A file that is not what its name says
+        raises one ValueError naming it.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory.")
@@ -99,18 +135,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        return fileio.load_npz(path, "U-Net tensors named as in diffusers")
     if path.endswith((".bin", ".pt", ".pth")):
-        try:
-            import torch
-        except ImportError as e:
-            raise ValueError(
-                f"{path}: reading torch files needs torch; install it or use the "
-                ".safetensors file instead."
-            ) from e
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
+        from ddpm_jax.metrics import torch_pickle
+
+        return dict(torch_pickle.load_state_dict(path))
     raise ValueError(
         f"{path}: expected a .safetensors, .npz, .bin, .pt or .pth file, or a directory."
     )
@@ -148,7 +177,7 @@ def _check_and_build(
 ) -> Params:
     """Fills our tree tensor by tensor; reports all problems in one ValueError."""
     expected = flatten_dict(param_shapes(config, image_size, in_channels))
-    flat, missing, misshaped = {}, [], []
+    flat, missing, misshaped, nonfinite = {}, [], [], []
     for path, leaf in expected.items():
         name = source_name(path)
         arr = fetch(path, name, tuple(leaf.shape))
@@ -158,6 +187,9 @@ def _check_and_build(
             misshaped.append(f"{name}: got {arr.shape}, expected {tuple(leaf.shape)}")
         else:
             flat[path] = np.asarray(arr, np.float32)
+            if not np.isfinite(flat[path]).all():
+                nan, inf = int(np.isnan(flat[path]).sum()), int(np.isinf(flat[path]).sum())
+                nonfinite.append(f"{name} ({nan} NaN, {inf} inf)")
     problems = []
     if unknown:
         problems.append(f"unknown tensors {sorted(unknown)}")
@@ -167,6 +199,11 @@ def _check_and_build(
         problems.append(f"mis-shaped tensors (after layout conversion) {misshaped}")
     if problems:
         raise ValueError("checkpoint does not match the UNetConfig: " + "; ".join(problems))
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise ValueError(f"the checkpoint holds non-finite weights in {len(nonfinite)} tensors: "
+                         f"{', '.join(nonfinite[:5])}{more}; refusing to convert them, nothing "
+                         "was written.")
     return unflatten_dict(flat)
 
 
@@ -331,6 +368,30 @@ def _official_name(path: tuple[str, ...], scope: str) -> str:
     return "/".join((scope, *mods, leaf))
 
 
+def _tf_reader(checkpoint_path: str):
+    """``tf.train.load_checkpoint``, checking first that the checkpoint exists.
+
+    TensorFlow takes tens of seconds to report a missing checkpoint, and its errors name
+    internal files; here either is one ValueError naming the path.
+    """
+    is_dir = os.path.isdir(checkpoint_path)
+    if is_dir and not os.path.isfile(os.path.join(checkpoint_path, "checkpoint")):
+        raise ValueError(f"{checkpoint_path}: a directory without a TensorFlow 'checkpoint' "
+                         "file; give the checkpoint prefix, e.g. .../model.ckpt-790000.")
+    if not is_dir and not os.path.isfile(checkpoint_path + ".index"):
+        raise ValueError(f"{checkpoint_path}: no TensorFlow checkpoint there (expected "
+                         f"{os.path.basename(checkpoint_path)}.index and .data-* files); give the "
+                         "checkpoint prefix, e.g. .../model.ckpt-790000.")
+    import tensorflow as tf  # after the checks: importing it takes seconds
+
+    try:
+        return tf.train.load_checkpoint(checkpoint_path)
+    except (tf.errors.OpError, ValueError) as e:
+        reason = str(e).strip().split("\n")[0][:200]
+        raise ValueError(f"{checkpoint_path} is not a readable TensorFlow checkpoint "
+                         f"({type(e).__name__}: {reason}).") from e
+
+
 def unet_params_from_official(
     checkpoint_path: str,
     config: UNetConfig,
@@ -359,14 +420,13 @@ def unet_params_from_official(
     Returns:
       float32 params tree for ``UNet(config)``.
     """
-    import tensorflow as tf
 
     if config.num_classes is not None:
         raise ValueError(
             "UNetConfig.num_classes must be None for official checkpoints (they have no "
             "class embedding)."
         )
-    reader = tf.train.load_checkpoint(checkpoint_path)
+    reader = _tf_reader(checkpoint_path)
     names = set(reader.get_variable_to_shape_map())
     ours = {n for n in names if n.startswith(scope + "/")}
     if f"{scope}/conv_in/W" not in ours:
@@ -434,9 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         params = unet_params_from_official(
             args.src, unet_config, ema=not args.no_ema, image_size=image_size
         )
-        import tensorflow as tf
-
-        reader = tf.train.load_checkpoint(args.src)
+        reader = _tf_reader(args.src)
         if reader.has_tensor("global_step"):
             step = int(reader.get_tensor("global_step"))
     meta = checkpoint.meta_from_config(config, step=step)

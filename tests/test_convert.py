@@ -325,3 +325,26 @@ def test_command_line_bad_config(tmp_path):
         convert.main([*args, "--config", str(not_python)])
     with pytest.raises(FileNotFoundError, match="no config file.*the configs here"):
         convert.main([*args, "--config", str(tmp_path / "missing.py")])
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path, fixture):
+    state, arrays = fixture
+    bad = dict(state)
+    bad["mid_block.resnets.1.conv2.bias"] = state["mid_block.resnets.1.conv2.bias"].copy()
+    bad["mid_block.resnets.1.conv2.bias"][[0, 3]] = np.nan
+    bad["conv_out.weight"] = state["conv_out.weight"].copy()
+    bad["conv_out.weight"][0, 0, 0, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"non-finite weights in 2 tensors: "
+                       r"(?=.*mid_block.resnets.1.conv2.bias \(2 NaN, 0 inf\))"
+                       r"(?=.*conv_out.weight \(0 NaN, 1 inf\)).*nothing was written"):
+        convert.unet_params_from_diffusers(bad, FIXTURE_CONFIG)
+    model_dir = tmp_path / "nan-model"
+    model_dir.mkdir()
+    _write_safetensors(model_dir / "diffusion_pytorch_model.safetensors",
+                       {k: (v, None) for k, v in bad.items()})
+    (model_dir / "config.json").write_text(str(arrays["config"]))
+    (tmp_path / "tiny_config.py").write_text(CONFIG_FILE)
+    with pytest.raises(ValueError, match="non-finite weights"):
+        convert.main(["--from", "diffusers", str(model_dir), "--config",
+                      str(tmp_path / "tiny_config.py"), "--out", str(tmp_path / "converted")])
+    assert not (tmp_path / "converted").exists()

@@ -154,14 +154,18 @@ def _load_zip(path: str) -> Any:
             return _materialize(_Unpickler(f, persistent_load).load())
 
 
+def _no_persistent(pid):
+    raise ValueError(f"unexpected persistent id {pid!r} outside the object")
+
+
 def _load_legacy(path: str) -> Any:
     storages: dict[str, _Storage] = {}
     with open(path, "rb") as f:
-        magic = pickle.load(f)
+        magic = _Unpickler(f, _no_persistent).load()
         if magic != _LEGACY_MAGIC:
-            raise ValueError(f"{path}: not a torch.save file (bad magic number).")
-        pickle.load(f)  # protocol version
-        pickle.load(f)  # system info
+            raise ValueError("not a torch.save file (bad magic number)")
+        _Unpickler(f, _no_persistent).load()  # protocol version
+        _Unpickler(f, _no_persistent).load()  # system info
 
         def persistent_load(pid):
             if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -179,7 +183,7 @@ def _load_legacy(path: str) -> Any:
             return storages[view_key]
 
         obj = _Unpickler(f, persistent_load).load()
-        keys = pickle.load(f)
+        keys = _Unpickler(f, _no_persistent).load()
         for key in keys:
             storage = storages[key]
             header = f.read(8)
@@ -194,6 +198,12 @@ def _load_legacy(path: str) -> Any:
     return _materialize(obj)
 
 
+# What pickle, zipfile and numpy raise on a file that is not a torch.save archive.
+_GARBAGE_ERRORS = (ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError,
+                   IndexError, TypeError, AttributeError, MemoryError, OverflowError,
+                   UnicodeDecodeError)
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads a ``torch.save``-d state dict as {name: numpy array}, without torch.
 
@@ -203,9 +213,22 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Returns:
       An ordered dict of numpy arrays (copies, in the tensors' logical layout).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: one sentence naming the file, for anything that is not a ``torch.save``
+        state dict of plain tensors (garbage bytes, a truncated file, other objects).
     """
     path = os.fspath(path)
-    loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (expected a torch.save state dict).")
+    try:
+        loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    except _GARBAGE_ERRORS as e:
+        reason = str(e).removeprefix(f"{path}: ").split("\n")[0][:200].rstrip(".")
+        reason = reason or type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch state dict ({reason}); expected a "
+                         ".pth written by torch.save holding a dict of tensors.") from e
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a state dict (a dict of tensors), got "
                          f"{type(loaded).__name__}.")
