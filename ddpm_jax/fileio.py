@@ -7,13 +7,18 @@
 * ``open_npz`` and ``load_npz`` read an ``.npz`` and turn numpy's and zipfile's messages for
   a file that is not one (the "pickled (object) data" message, ``BadZipFile``, ``EOFError``)
   into one ValueError naming the file and what was expected.
+* ``StopOnSigterm``, ``read_manifest`` and ``manifest_differences`` serve the commands that
+  save their progress in shards and resume (``ddpm_jax.generate``, ``metrics bpd``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 
@@ -97,3 +102,42 @@ def load_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
             return {k: f[k] for k in f.files}
         except _NPZ_ERRORS as e:
             raise _npz_error(os.fspath(path), what, e) from e
+
+
+class StopOnSigterm:
+    """A context in which SIGTERM only sets ``requested``, so a loop can save its work and
+    exit 143 at a safe point. Installed from the main thread only (elsewhere a no-op)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def read_manifest(path: str) -> dict | None:
+    """The JSON object at path, None if there is no file; a garbage file is one ValueError."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON manifest ({e}); remove it or pass "
+                         "--overwrite.") from e
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """``"field: old there, new now"`` for each field of new that old holds differently."""
+    return [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in new.items() if old.get(k) != v]

@@ -49,9 +49,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -221,17 +219,6 @@ def run_manifest(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, An
     }
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable JSON manifest ({e}); remove it or pass "
-                         "--overwrite.") from e
-
-
 def check_out_dir(out_dir: str, manifest: dict[str, Any], *, overwrite: bool) -> bool:
     """Checks that out_dir holds nothing or a run of the same arguments; True if complete.
 
@@ -240,11 +227,15 @@ def check_out_dir(out_dir: str, manifest: dict[str, Any], *, overwrite: bool) ->
     """
     shards = os.path.join(out_dir, SHARD_DIR)
     for path in (os.path.join(shards, MANIFEST), os.path.join(out_dir, DONE)):
-        old = _read_json(path)
+        try:
+            old = fileio.read_manifest(path)
+        except ValueError:
+            if not overwrite:
+                raise
+            old = {}
         if old is None:
             continue
-        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in manifest.items()
-                if old.get(k) != v]
+        diff = fileio.manifest_differences(old, manifest)
         if diff and not overwrite:
             raise ValueError(
                 f"{out_dir} holds samples of other arguments ({'; '.join(diff)}; see {path}); "
@@ -266,27 +257,6 @@ def _load_shard(path: str, count: int) -> dict[str, np.ndarray] | None:
         print(f"{e} Sampling that shard again.", file=sys.stderr)
         return None
     return shard if len(shard.get("images", ())) == count else None
-
-
-class _StopOnSigterm:
-    """A context in which SIGTERM only sets ``requested`` (the main thread only)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def sample_shards(params, meta, args, manifest, *, stop=None) -> dict[str, np.ndarray]:
@@ -371,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{samples} already holds these samples; nothing to do.", file=sys.stderr)
         return
     start = time.perf_counter()
-    with _StopOnSigterm() as stop:
+    with fileio.StopOnSigterm() as stop:
         result = sample_shards(params, meta, args, manifest, stop=stop)
         elapsed = time.perf_counter() - start
         write_outputs(result, args.out, grid_size=args.grid_size)

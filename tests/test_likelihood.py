@@ -183,3 +183,44 @@ def test_bpd_command_checks_arguments_before_the_work(tiny_t20_checkpoint, monke
     monkeypatch.setattr(likelihood, "BpdEvaluator", no_work)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         cli.main(["bpd", "--checkpoint", tiny_t20_checkpoint, "--dataset", "digits", *flags])
+
+
+def test_bpd_command_resumes_after_sigterm(tiny_t20_checkpoint, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from ddpm_jax import fileio
+    from ddpm_jax.metrics import cli
+
+    def run(out, *extra):
+        return cli.main(["bpd", "--checkpoint", tiny_t20_checkpoint, "--dataset", "digits",
+                         "--split", "test", "--max_images", "20", "--batch_size", "8",
+                         "--shard_batches", "1", "--out", str(out), *extra])
+
+    whole = run(tmp_path / "whole.json")
+    write_npz = fileio.write_npz
+
+    def write_then_sigterm(path, **arrays):
+        write_npz(path, **arrays)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(fileio, "write_npz", write_then_sigterm)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path / "bpd.json")
+    assert exit_info.value.code == 143
+    assert sorted(os.listdir(tmp_path / "bpd_shards")) == ["manifest.json", "shard_00000.npz"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"other arguments \(seed: 0 there, 1 now"):
+        run(tmp_path / "bpd.json", "--seed", "1")
+
+    calls = []
+    original = likelihood.BpdEvaluator.__call__
+    monkeypatch.setattr(likelihood.BpdEvaluator, "__call__", lambda self, images, key, **kw: (
+        calls.append(kw["start_index"]) or original(self, images, key, **kw)))
+    resumed = run(tmp_path / "bpd.json")
+    assert calls == [8, 16]  # the first shard was read back, not recomputed
+    assert resumed["bpd"] == whole["bpd"] and resumed["rate_distortion"] == whole[
+        "rate_distortion"]
+    with np.load(tmp_path / "whole_terms.npz") as a, np.load(tmp_path / "bpd_terms.npz") as b:
+        np.testing.assert_array_equal(a["total_bpd"], b["total_bpd"])
+    assert not (tmp_path / "bpd_shards").exists()

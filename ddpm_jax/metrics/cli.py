@@ -9,6 +9,11 @@
   ``ddpm_jax.metrics.likelihood``).
 
 Each writes a JSON result file (``--out``; for ``stats`` beside the ``.npz``) and prints it.
+Every output file is written to a temporary name and renamed, so a failed write leaves the old
+file whole; input ``.npz`` files are checked before the work, and one that is missing or not
+an ``.npz`` gives one error naming it. ``bpd`` with ``--out`` saves its progress in shards
+beside the JSON and resumes from them when run again with the same arguments (SIGTERM saves
+the current shard and exits 143).
 Examples (the Inception weights: see ``ddpm_jax.metrics.inception``)::
 
   python -m ddpm_jax.metrics stats --inception pt_inception-2015-12-05-6726825d.pth \\
@@ -212,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="comma-separated reverse steps k in [1, T] of the "
                    "rate-distortion table (default: T, 0.9 T, ..., 0.1 T)")
     p.add_argument("--out", default=None, help="JSON result file; per-t terms go to a .npz "
-                   "beside it")
+                   "beside it, progress to <out>_shards/ (a rerun resumes)")
+    p.add_argument("--shard_batches", type=int, default=4,
+                   help="batches per saved shard of progress (with --out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard saved shards of other arguments")
     p.set_defaults(func=cmd_bpd)
     return parser
 

@@ -22,7 +22,10 @@ the RMSE is 0.95.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from ddpm_jax import builders, diffusion
 from ddpm_jax.unet import UNet, UNetConfig
@@ -174,6 +178,73 @@ def evaluate(evaluator: BpdEvaluator, batches: Iterable[np.ndarray], key: jax.Ar
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def _shard_chunks(batches: Iterable[np.ndarray], size: int) -> Iterable[np.ndarray]:
+    """Regroups a stream of image batches into chunks of `size` images (the last may be short)."""
+    buf: list[np.ndarray] = []
+    held = 0
+    for batch in batches:
+        buf.append(np.asarray(batch))
+        held += len(batch)
+        while held >= size:
+            joined = np.concatenate(buf)
+            yield joined[:size]
+            buf, held = [joined[size:]], held - size
+    if held:
+        yield np.concatenate(buf)
+
+
+def evaluate_in_shards(evaluator: BpdEvaluator, batches: Iterable[np.ndarray], key: jax.Array,
+                       *, shard_dir: str, manifest: Mapping[str, Any], shard_batches: int = 4,
+                       overwrite: bool = False, total: int | None = None, progress: bool = False,
+                       stop: Any = None) -> dict[str, np.ndarray]:
+    """`evaluate`, saving the terms every shard_batches batches so a rerun resumes.
+
+    Shard k (``shard_dir/shard_NNNNN.npz``, written atomically) holds the terms of images
+    [k S, (k + 1) S) with S = shard_batches * evaluator.batch_size; shards already there are
+    read, not recomputed (the images are still read, to move the stream on). The manifest
+    (the arguments that determine the numbers) is kept as ``shard_dir/manifest.json``; one of
+    other arguments raises ValueError unless overwrite, which discards those shards. If
+    ``stop.requested`` becomes true (SIGTERM), the current shard is saved and SystemExit(143)
+    is raised with a message.
+    """
+    from ddpm_jax import fileio
+
+    path = os.path.join(shard_dir, "manifest.json")
+    old = None if overwrite else fileio.read_manifest(path)
+    if old is not None and fileio.manifest_differences(old, dict(manifest)):
+        raise ValueError(f"{shard_dir} holds bits/dim shards of other arguments "
+                         f"({'; '.join(fileio.manifest_differences(old, dict(manifest)))}); use "
+                         "another --out, or pass --overwrite to discard them.")
+    if old is None and os.path.isdir(shard_dir):
+        shutil.rmtree(shard_dir)
+    os.makedirs(shard_dir, exist_ok=True)
+    fileio.write_text(path, json.dumps(dict(manifest), indent=2) + "\n")
+    size = shard_batches * evaluator.batch_size
+    parts, seen = [], 0
+    bar = tqdm(total=total, desc="bits/dim", unit="img", disable=not progress)
+    for k, images in enumerate(_shard_chunks(batches, size)):
+        shard_path = os.path.join(shard_dir, f"shard_{k:05d}.npz")
+        part = None
+        if os.path.exists(shard_path):
+            part = fileio.load_npz(shard_path, "bits/dim terms")
+            part = part if len(part.get("total_bpd", ())) == len(images) else None
+        if part is None:
+            part = evaluator(images, key, start_index=seen)
+            fileio.write_npz(shard_path, **part)
+        parts.append(part)
+        seen += len(images)
+        bar.update(len(images))
+        if stop is not None and stop.requested and (total is None or seen < total):
+            bar.close()
+            print(f"SIGTERM: stopped after {seen} images, saved in {shard_dir}; run the same "
+                  "command again to resume.", file=sys.stderr)
+            raise SystemExit(143)
+    bar.close()
+    if not parts:
+        raise ValueError("no images to evaluate.")
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
 def rate_distortion(terms_bpd: np.ndarray, prior_bpd: np.ndarray, mse: np.ndarray, *,
                     reverse_steps: Sequence[int] = DEFAULT_REVERSE_STEPS) -> dict[str, Any]:
     """The paper's rate-distortion breakdown (module docstring) from ``calc_bpd_loop`` terms.
@@ -237,18 +308,28 @@ def _check_cli_args(args, meta: Mapping[str, Any]) -> tuple[int, ...]:
     return steps
 
 
+def _bpd_manifest(args, meta: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+    """The arguments (and checkpoint step) that determine the bpd command's numbers."""
+    return {"checkpoint": os.path.abspath(args.checkpoint), "step": meta.get("step"),
+            "dataset": args.dataset, "split": args.split, "path": args.path,
+            "data_dir": args.data_dir, "max_images": args.max_images, "batch_size": batch_size,
+            "shard_batches": args.shard_batches, "seed": args.seed}
+
+
 def run_cli(args, *, write_json) -> dict:
     """The ``bpd`` command of ``python -m ddpm_jax.metrics`` (see ``ddpm_jax.metrics.cli``).
 
     The arguments are checked before the evaluation: --batch_size and --max_images at once,
     --reverse_steps (default: T, 0.9 T, ..., 0.1 T of the checkpoint's T) and --image_size
     against the checkpoint as soon as it is read. The JSON and the ``_terms.npz`` beside it
-    are written through a temporary file and a rename.
+    are written through a temporary file and a rename. With --out, progress is saved in
+    ``<out>_shards/`` (`evaluate_in_shards`): the same command again resumes, SIGTERM saves
+    the current shard and exits 143; the shards are removed once the results are written.
     """
     from ddpm_jax import checkpoint, fileio
     from ddpm_jax.metrics import fid
 
-    for name in ("batch_size", "max_images"):
+    for name in ("batch_size", "max_images", "shard_batches"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}.")
@@ -261,7 +342,17 @@ def run_cli(args, *, write_json) -> dict:
     evaluator = BpdEvaluator(params, meta, batch_size=args.batch_size)
     batches, total = fid.dataset_batches(cfg, args.split, batch_size=evaluator.batch_size,
                                          max_images=args.max_images)
-    out = evaluate(evaluator, batches, jax.random.key(args.seed), total=total, progress=True)
+    key = jax.random.key(args.seed)
+    if args.out:
+        shard_dir = os.path.splitext(args.out)[0] + "_shards"
+        with fileio.StopOnSigterm() as stop:
+            out = evaluate_in_shards(
+                evaluator, batches, key, shard_dir=shard_dir,
+                manifest=_bpd_manifest(args, meta, evaluator.batch_size),
+                shard_batches=args.shard_batches, overwrite=args.overwrite, total=total,
+                progress=True, stop=stop)
+    else:
+        out = evaluate(evaluator, batches, key, total=total, progress=True)
     rd = rate_distortion(out["terms_bpd"], out["prior_bpd"], out["mse"],
                          reverse_steps=reverse_steps)
     n = len(out["total_bpd"])
@@ -281,4 +372,6 @@ def run_cli(args, *, write_json) -> dict:
                          terms_bpd_mean=rd["terms_bpd_mean"], mse_mean=rd["mse_mean"])
         result["terms"] = os.path.abspath(terms_path)
     write_json(args.out, result)
+    if args.out:
+        shutil.rmtree(shard_dir, ignore_errors=True)
     return result
