@@ -38,7 +38,14 @@ or --overwrite (which discards what --out holds of the other run). SIGTERM
 
 Conversion to uint8 rounds (`ddpm_jax.builders.to_uint8`): ``round((x + 1) *
 127.5)`` clipped to [0, 255], the inverse of the input scaling x / 127.5 - 1.
-Single-process only.
+
+Several processes (``--coordinator_address HOST:PORT --num_processes N
+--process_id I`` to each, or ``--multihost`` where JAX detects the cluster):
+the shards are dealt out to the processes, each samples its shard over its
+own devices, and process 0 gathers them and writes the one samples.npz and
+grid (only process 0 needs --out on its disk). The images are those of a
+single-process run with the same arguments (equal up to float rounding when
+the number of devices per process differs).
 """
 
 from __future__ import annotations
@@ -259,43 +266,95 @@ def _load_shard(path: str, count: int) -> dict[str, np.ndarray] | None:
     return shard if len(shard.get("images", ())) == count else None
 
 
-def sample_shards(params, meta, args, manifest, *, stop=None) -> dict[str, np.ndarray]:
+def _all_processes(value: np.ndarray, reduce: str) -> np.ndarray:
+    """process 0's value ("first") or the any-reduction ("any") over all processes."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    if reduce == "first":
+        return np.asarray(multihost_utils.broadcast_one_to_all(value))
+    return np.asarray(multihost_utils.process_allgather(value)).any(axis=0)
+
+
+def _sample_shard(params, meta, args, begin: int, count: int) -> dict[str, np.ndarray]:
+    return generate(
+        params, meta, num_samples=count, batch_size=args.batch_size, seed=args.seed,
+        sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
+        clip_denoised=not args.no_clip, class_label=args.class_label,
+        guidance_scale=args.guidance_scale, progress=False, start=begin)
+
+
+def _gather_round(meta, size: int, shard: dict[str, np.ndarray] | None
+                  ) -> list[dict[str, np.ndarray] | None]:
+    """Every process's shard of this round (None where a process had none), on all processes.
+
+    The shards are padded to `size` images so that all processes send equal shapes.
+    """
+    from jax.experimental import multihost_utils
+
+    hw = (int(meta["data"]["image_size"]),) * 2 + (int(meta["data"]["channels"]),)
+    local = {"images": np.zeros((size, *hw), np.uint8)}
+    if meta["model"].get("num_classes") is not None:
+        local["labels"] = np.zeros(size, np.int32)
+    for name, value in (shard or {}).items():
+        local[name][:len(value)] = value
+    count = np.int32(0 if shard is None else len(shard["images"]))
+    got, counts = multihost_utils.process_allgather((local, count))
+    return [{name: np.asarray(v[q][:int(c)]) for name, v in got.items()} if c else None
+            for q, c in enumerate(np.asarray(counts).reshape(-1))]
+
+
+def sample_shards(params, meta, args, manifest, *, stop=None) -> dict[str, np.ndarray] | None:
     """Samples the run shard by shard into <out>/shards/, skipping shards already there.
 
     Shard k holds the images with global indices [k * S, min((k + 1) * S, N)), S =
     batch_size * shard_batches, each written atomically; so a resumed run computes every
-    batch exactly as an uninterrupted one. If ``stop.requested`` becomes true (SIGTERM), the
-    current shard is finished and saved and SystemExit(143) is raised with a message.
+    batch exactly as an uninterrupted one. On several processes the missing shards are dealt
+    out in rounds, one per process, each sampled over the process's local devices; process 0
+    gathers and writes them. If ``stop.requested`` becomes true on any process (SIGTERM),
+    the current round is finished and saved and SystemExit(143) is raised with a message.
 
     Returns:
-      the whole run, as `generate` returns it.
+      on process 0 the whole run, as `generate` returns it; None on the others.
     """
-    shards = os.path.join(args.out, SHARD_DIR)
-    os.makedirs(shards, exist_ok=True)
-    fileio.write_text(os.path.join(shards, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    n, size = args.num_samples, manifest["shard_size"]
-    parts = []
-    bar = tqdm(total=n, unit="img", disable=args.no_progress, desc="sampling")
-    for k, begin in enumerate(range(0, n, size)):
-        count = min(size, n - begin)
-        path = os.path.join(shards, f"shard_{k:05d}.npz")
-        shard = _load_shard(path, count)
-        if shard is None:
-            shard = generate(
-                params, meta, num_samples=count, batch_size=args.batch_size, seed=args.seed,
-                sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
-                clip_denoised=not args.no_clip, class_label=args.class_label,
-                guidance_scale=args.guidance_scale, progress=False, start=begin)
-            fileio.write_npz(path, **shard)
-        parts.append(shard)
-        bar.update(count)
-        if stop is not None and stop.requested and begin + count < n:
+    shards, lead = os.path.join(args.out, SHARD_DIR), jax.process_index() == 0
+    n, size, nproc = args.num_samples, manifest["shard_size"], jax.process_count()
+    starts = list(range(0, n, size))
+    paths = [os.path.join(shards, f"shard_{k:05d}.npz") for k in range(len(starts))]
+    saved = {}
+    if lead:
+        os.makedirs(shards, exist_ok=True)
+        fileio.write_text(os.path.join(shards, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+        saved = {k: part for k, b in enumerate(starts)
+                 if (part := _load_shard(paths[k], min(size, n - b))) is not None}
+    done = _all_processes(np.array([k in saved for k in range(len(starts))], np.int32), "first")
+    todo = [k for k in range(len(starts)) if not done[k]]
+    bar = tqdm(total=n, initial=n - sum(min(size, n - starts[k]) for k in todo), unit="img",
+               disable=args.no_progress or not lead, desc="sampling")
+    for r in range(0, len(todo), nproc):
+        round_ = todo[r:r + nproc]
+        mine = round_[jax.process_index()] if jax.process_index() < len(round_) else None
+        shard = None if mine is None else _sample_shard(
+            params, meta, args, starts[mine], min(size, n - starts[mine]))
+        parts = [shard] if nproc == 1 else _gather_round(meta, size, shard)
+        for k, part in zip(round_, parts, strict=False):
+            if lead:
+                fileio.write_npz(paths[k], **part)
+                saved[k] = part
+            bar.update(len(part["images"]))
+        flag = np.array(stop is not None and stop.requested, np.int32)
+        if _all_processes(flag, "any") and r + nproc < len(todo):
             bar.close()
-            print(f"SIGTERM: stopped after {begin + count} of {n} images, saved in {shards}; "
-                  "run the same command again to resume.", file=sys.stderr)
+            left = sum(min(size, n - starts[k]) for k in todo[r + nproc:])
+            print(f"SIGTERM: stopped with {n - left} of {n} images saved in {shards}; run the "
+                  "same command again to resume.", file=sys.stderr)
             raise SystemExit(143)
     bar.close()
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if not lead:
+        return None
+    parts = [saved[k] for k in range(len(starts))]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -322,6 +381,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="discard samples or shards of other arguments in --out")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--multihost", action="store_true",
+                   help="call jax.distributed.initialize() with the cluster JAX detects")
+    p.add_argument("--coordinator_address", default=None,
+                   help="HOST:PORT of process 0 (several processes)")
+    p.add_argument("--num_processes", type=int, default=None, help="number of processes")
+    p.add_argument("--process_id", type=int, default=None, help="this process's index")
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size", "shard_batches", "grid_size"):
         if getattr(args, name) < 1:
@@ -329,27 +394,52 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _check_out_dir_everywhere(args, manifest) -> bool:
+    """`check_out_dir` on process 0, its verdict shared with all processes (True: complete)."""
+    status, error = np.int32(0), None
+    if jax.process_index() == 0:
+        try:
+            status = np.int32(check_out_dir(args.out, manifest, overwrite=args.overwrite))
+        except ValueError as e:
+            status, error = np.int32(2), e
+    status = int(_all_processes(status, "first"))
+    if error is not None:
+        raise error
+    if status == 2:
+        raise SystemExit(f"process 0 refused --out {args.out}; see its message.")
+    return status == 1
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (exits 143 after saving progress on SIGTERM)."""
     args = _parse(argv)
+    from ddpm_jax import parallel
     from ddpm_jax.checkpoint import load_params  # the training stack, only for the CLI
 
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id, auto=args.multihost)
     params, meta = load_params(args.checkpoint)
     manifest = run_manifest(args, meta)
     samples = os.path.join(args.out, "samples.npz")
-    if check_out_dir(args.out, manifest, overwrite=args.overwrite):
+    if _check_out_dir_everywhere(args, manifest):
         print(f"{samples} already holds these samples; nothing to do.", file=sys.stderr)
         return
     start = time.perf_counter()
     with fileio.StopOnSigterm() as stop:
         result = sample_shards(params, meta, args, manifest, stop=stop)
         elapsed = time.perf_counter() - start
-        write_outputs(result, args.out, grid_size=args.grid_size)
-        fileio.write_text(os.path.join(args.out, DONE), json.dumps(
-            {**manifest, "shape": list(result["images"].shape)}, indent=2) + "\n")
-        shutil.rmtree(os.path.join(args.out, SHARD_DIR), ignore_errors=True)
-    print(f"wrote {len(result['images'])} images {result['images'].shape[1:]} to "
-          f"{samples} in {elapsed:.1f} s (checkpoint step {meta.get('step')})", file=sys.stderr)
+        if result is not None:
+            write_outputs(result, args.out, grid_size=args.grid_size)
+            fileio.write_text(os.path.join(args.out, DONE), json.dumps(
+                {**manifest, "shape": list(result["images"].shape)}, indent=2) + "\n")
+            shutil.rmtree(os.path.join(args.out, SHARD_DIR), ignore_errors=True)
+            print(f"wrote {len(result['images'])} images {result['images'].shape[1:]} to "
+                  f"{samples} in {elapsed:.1f} s (checkpoint step {meta.get('step')}, "
+                  f"{jax.process_count()} processes)", file=sys.stderr)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ddpm_jax.generate: outputs written")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_sigterm_saves_a_shard_and_a_rerun_resumes_to_the_same_images(
     with pytest.raises(SystemExit) as exit_info:
         generate.main(_cli(saved_checkpoint, out))
     assert exit_info.value.code == 143
-    assert "stopped after 8 of 13 images" in capsys.readouterr().err
+    assert "stopped with 8 of 13 images saved" in capsys.readouterr().err
     assert len(calls) == 1 and not (out / "samples.npz").exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == [
         "manifest.json", "shard_00000.npz"]
@@ -236,3 +236,45 @@ def test_a_failing_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary left
     with np.load(tmp_path / "samples.npz") as f:
         np.testing.assert_array_equal(f["images"], images)
+
+
+def test_two_processes_write_the_images_of_one(tmp_path, saved_checkpoint):
+    """Two localhost processes of 4 CPU devices each (as in test_multihost): process 0 writes
+    the one samples.npz, equal to a single-process run of the same arguments."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo + os.pathsep + os.environ.get(
+               "PYTHONPATH", "")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "multi"
+    args = ["--checkpoint", str(saved_checkpoint), "--num_samples", "21", "--batch_size", "8",
+            "--shard_batches", "1", "--seed", "3", "--no_progress",
+            "--coordinator_address", address, "--num_processes", "2"]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "ddpm_jax.generate", *args, "--process_id", str(i),
+         "--out", str(out if i == 0 else tmp_path / "unused")],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    assert "2 processes" in logs[0] and not (tmp_path / "unused").exists()
+    with np.load(out / "samples.npz") as f:
+        got = f["images"]
+    direct = generate.generate(tiny_params(), tiny_meta(), num_samples=21, batch_size=8, seed=3,
+                               progress=False)["images"]
+    assert got.shape == direct.shape
+    diff = np.abs(got.astype(int) - direct.astype(int))  # 4 vs 8 devices: float rounding only
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
