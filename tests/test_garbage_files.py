@@ -158,3 +158,36 @@ def test_metrics_commands_check_their_npz_inputs_first(garbage, tmp_path):
     with pytest.raises(ValueError, match="samples.npz is not a readable .npz of uint8 images"):
         cli.main(["stats", "--inception", missing_inception, "--images", bad,
                   "--out", str(tmp_path / "stats.npz")])
+
+
+class _PixelFeatures:
+    """A stand-in for the Inception extractor: 4 pixel values as features, flat logits."""
+
+    batch_size = 8
+
+    def __call__(self, images):
+        x = images.reshape(len(images), -1)[:, :4].astype(np.float32)
+        return {"pool3": x, "logits_unbiased": np.zeros((len(images), 3), np.float32)}
+
+
+def test_fid_rebuilds_a_garbage_reference_cache(garbage, tmp_path, monkeypatch, capsys):
+    from ddpm_jax.metrics import cli, fid
+
+    monkeypatch.setattr(cli, "_extractor", lambda args: _PixelFeatures())
+    rng = np.random.default_rng(1)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8))
+    cache = garbage("ref_inception_stats.npz")
+    args = ["fid", "--inception", "unused.pth", "--samples", str(samples), "--ref", str(ref),
+            "--splits", "1", "--fid_method", "eigh"]
+    first = cli.main(args)
+    assert "ref_inception_stats.npz is not a readable .npz" in capsys.readouterr().err
+    mu, sigma = fid.load_statistics(cache)  # rebuilt
+    with np.load(ref) as f:
+        feats = f["images"].reshape(6, -1)[:, :4].astype(np.float64)
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-6)
+    assert cli.main(args)["fid"] == first["fid"]  # from the cache now
+    assert "again" not in capsys.readouterr().err

@@ -83,6 +83,22 @@ def _check_images_npz(path: str) -> None:
         pass
 
 
+def _cached_statistics(path: str):
+    """(mu, sigma) from a statistics cache, or None if absent or unreadable (then rebuilt)."""
+    from ddpm_jax.metrics import fid
+
+    if not os.path.exists(path):
+        return None
+    try:
+        if _is_stats_file(path):
+            return fid.load_statistics(path)
+    except ValueError as e:
+        print(f"{e} Computing the statistics again.", file=sys.stderr)
+        return None
+    print(f"{path} lacks mu and sigma; computing the statistics again.", file=sys.stderr)
+    return None
+
+
 def cmd_stats(args) -> dict:
     from ddpm_jax.metrics import fid
 
@@ -131,9 +147,8 @@ def cmd_fid(args) -> dict:
         ref_stats = fid.load_statistics(args.ref)
     else:
         cache = os.path.splitext(args.ref)[0] + "_inception_stats.npz"
-        if os.path.exists(cache):
-            ref_stats = fid.load_statistics(cache)
-        else:
+        ref_stats = _cached_statistics(cache)
+        if ref_stats is None:
             ref_images = fid.load_images_npz(args.ref)
             ref_feats = fid.array_features(extractor, ref_images, progress=True,
                                            desc="reference")
