@@ -94,7 +94,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             dtype = info["dtype"]
         except (KeyError, TypeError, ValueError) as e:
             raise _not_safetensors(path, f"tensor {name!r} has a malformed entry {info!r}") from e
-        itemsize = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(dtype, "u1")).itemsize
+        if dtype != "BF16" and dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
+        itemsize = 2 if dtype == "BF16" else np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
         if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * itemsize:
             raise _not_safetensors(path, f"tensor {name!r} of {dtype} {list(shape)} does not "
                                    f"fit its data_offsets [{begin}, {end}]")
@@ -102,10 +104,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if dtype == "BF16":
             bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
             arr = bits.view(np.float32)
-        elif dtype in _SAFETENSORS_DTYPES:
-            arr = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
         else:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
+            arr = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
         out[name] = arr.reshape(shape).copy()
     return out
 
@@ -371,8 +371,8 @@ def _official_name(path: tuple[str, ...], scope: str) -> str:
 def _tf_reader(checkpoint_path: str):
     """``tf.train.load_checkpoint``, checking first that the checkpoint exists.
 
-    TensorFlow takes tens of seconds to report a missing checkpoint, and its errors name
-    internal files; here either is one ValueError naming the path.
+    A missing checkpoint is reported before TensorFlow is imported (which takes seconds), and
+    TensorFlow's errors for an unreadable one become one ValueError naming the path.
     """
     is_dir = os.path.isdir(checkpoint_path)
     if is_dir and not os.path.isfile(os.path.join(checkpoint_path, "checkpoint")):

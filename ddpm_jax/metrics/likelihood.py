@@ -226,8 +226,12 @@ def evaluate_in_shards(evaluator: BpdEvaluator, batches: Iterable[np.ndarray], k
         shard_path = os.path.join(shard_dir, f"shard_{k:05d}.npz")
         part = None
         if os.path.exists(shard_path):
-            part = fileio.load_npz(shard_path, "bits/dim terms")
-            part = part if len(part.get("total_bpd", ())) == len(images) else None
+            try:
+                part = fileio.load_npz(shard_path, "bits/dim terms")
+            except ValueError as e:
+                print(f"{e} Computing that shard again.", file=sys.stderr)
+            if part is not None and len(part.get("total_bpd", ())) != len(images):
+                part = None
         if part is None:
             part = evaluator(images, key, start_index=seen)
             fileio.write_npz(shard_path, **part)
