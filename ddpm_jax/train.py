@@ -510,7 +510,10 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
         final = dp.to_global(state)
         if preempted_at is None:  # training is complete
             ckpt.save(step, final, meta(step))
-            if t_cfg.num_samples and sampled_at != step and preempt.requested:
+            # The same decision on every process (sampling is a collective).
+            sigterm = (preempt.requested if jax.process_count() == 1
+                       else ckpt.reached_preemption(step))
+            if t_cfg.num_samples and sampled_at != step and sigterm:
                 logging.warning("preemption (SIGTERM) after the last step %d: checkpoint written; "
                                 "the final samples are not drawn (run the same command again to "
                                 "draw them); exiting.", step)
