@@ -480,7 +480,8 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
                 raise NonFiniteLossError(
                     f"the loss became {metrics['loss'][bad - before - 1]} at step {bad}; stopped "
                     f"without saving. {where}. Lower optim.lr, raise optim.warmup_steps or "
-                    "enable optim.grad_clip, then resume."
+                    "enable optim.grad_clip, then resume (run_train.py needs "
+                    "--allow_config_change to resume with a changed optimizer)."
                 )
             if bar is not None:
                 bar.update(step - before)
