@@ -84,7 +84,7 @@ class WorkdirLock:
         try:
             for _ in range(20):
                 try:
-                    os.link(tmp, self.path)
+                    _create_exclusive(tmp, self.path, json.dumps(record))
                     return
                 except FileExistsError:
                     self._take_over_if_stale()
@@ -133,6 +133,24 @@ class WorkdirLock:
         if holder is not None and holder.get("token") == self._token:
             os.remove(self.path)
         self._token = None
+
+
+def _create_exclusive(tmp: str, path: str, text: str) -> None:
+    """Creates path with tmp's content; FileExistsError if it exists.
+
+    A hard link publishes the file fully written; where the file system has no
+    hard links, an exclusive create and a write.
+    """
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _read_lock(path: str) -> tuple[dict[str, Any] | None, str | None]:

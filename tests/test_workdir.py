@@ -82,6 +82,20 @@ def test_stale_lock_is_taken_over(tmp_path, caplog):
         assert json.load(open(path))["pid"] == os.getpid()
 
 
+def test_lock_without_hard_links(tmp_path, monkeypatch):
+    def no_link(src, dst):
+        raise PermissionError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_link)
+    workdir = str(tmp_path)
+    with workdir_lib.WorkdirLock(workdir):
+        assert json.load(open(tmp_path / workdir_lib.LOCK_FILE))["pid"] == os.getpid()
+        _write_lock(str(tmp_path / "other"), pid=os.getppid())
+        with pytest.raises(workdir_lib.WorkdirBusyError):
+            workdir_lib.WorkdirLock(str(tmp_path / "other")).__enter__()
+    assert os.listdir(workdir) == ["other"]
+
+
 def test_busy_workdir_fails_before_compiling(tmp_path, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled in a busy workdir")
