@@ -249,7 +249,6 @@ class TrainCheckpointer:
         """Tries the steps newest first; sets aside broken ones newer than a good one."""
         steps = self.all_steps()
         broken: list[int] = []
-        error: Exception | None = None
         errors: list[str] = []
         error: Exception | None = None
         for step in reversed(steps):
