@@ -9,6 +9,12 @@ Several processes (multi-host TPU pods, several GPU machines): pass
 MPI), or ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
 (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
 environment variables) to each process.
+
+A rerun of the same command resumes from the newest good checkpoint of the
+workdir. One run at a time per workdir (a second one stops with a message
+naming the first). Resuming with a config that changes what training means
+(T, schedule, model, seed, batch size, optimizer, data) is refused unless
+``--allow_config_change`` is given.
 """
 
 import os
@@ -28,6 +34,9 @@ flags.DEFINE_bool("multihost", False,
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir even when the config differs from the one its checkpoints "
+                  "were written with in fields that change what training means.")
 FLAGS = flags.FLAGS
 
 
@@ -35,6 +44,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ddpm_jax import parallel, train
+    from ddpm_jax import workdir as workdir_lib
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.multihost)
@@ -43,7 +53,19 @@ def main(argv):
         config_file = FLAGS["config"].config_filename
         name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
         workdir = os.path.join("runs", name)
-    train.train_and_evaluate(FLAGS.config, workdir)
+    code = 1
+    try:
+        train.train_and_evaluate(FLAGS.config, workdir,
+                                 allow_config_change=FLAGS.allow_config_change)
+        code = 0
+    except workdir_lib.WorkdirBusyError as e:
+        raise SystemExit(f"run_train.py: {e}") from None
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        # Python waits at exit for background threads; none may keep the process alive.
+        workdir_lib.exit_watchdog(code, grace_s=60.0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ restore (corrupt or partial files) is renamed to ``corrupt-<step>`` next to
 the others, with a warning, and the one before it is tried: nothing readable is
 ever deleted, and the next save of that step does not collide with it.
 (Unfinished asynchronous saves never become step directories: orbax writes to
-a temporary directory and renames it when complete.)
+a temporary directory and renames it when complete.) Metadata that parses but
+lacks the ``step`` or ``inference`` field counts as unreadable too. When no
+step can be read, the error lists each step's error and nothing is moved.
+
+Resuming: `config_changes` compares the config saved in a checkpoint's
+metadata with a new one, so that a resume with a different T, model, seed,
+batch size... can be refused (`ddpm_jax.train`).
 
 Inference format (used by sampling, generation and evaluation):
 ``save_params(directory, params, meta=...)`` writes ``directory/params``
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any
 
 import jax
@@ -37,6 +44,17 @@ PyTree = Any
 CHECKPOINT_SUBDIR = "checkpoints"
 META_FILE = "meta.json"
 PARAMS_SUBDIR = "params"
+# The longest a run waits, on its way out, for a pending checkpoint save.
+CLOSE_TIMEOUT_S = 600.0
+# Config fields that may change when a run is resumed: how long it runs, how often it logs,
+# saves and samples, and how the same step is computed (dispatch, parallelism, remat).
+RESUMABLE_CONFIG_CHANGES = (
+    "training.num_train_steps", "training.log_every", "training.checkpoint_every",
+    "training.keep_checkpoints", "training.sample_every", "training.num_samples",
+    "training.steps_per_call", "sampling.sampler", "sampling.num_steps",
+    "sampling.clip_denoised", "parallelism", "model.remat", "data.data_dir",
+)
+_META_FIELDS = ("step", "inference")
 
 
 def meta_from_config(config: Any, *, step: int = 0) -> dict[str, Any]:
@@ -231,6 +249,7 @@ class TrainCheckpointer:
         """Tries the steps newest first; sets aside broken ones newer than a good one."""
         steps = self.all_steps()
         broken: list[int] = []
+        errors: list[str] = []
         error: Exception | None = None
         for step in reversed(steps):
             try:
@@ -238,26 +257,40 @@ class TrainCheckpointer:
                 state, meta = restored["state"], restored["meta"]
                 if state is None or meta is None:
                     raise ValueError(f"step {step} lacks the state or meta item")
+                _check_meta(meta, step)
             except Exception as e:  # any read failure: try the one before
                 first_line = str(e).splitlines()[0] if str(e) else ""
                 logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); "
                                 "falling back to the one before it.", step, self.directory,
                                 type(e).__name__, first_line[:500])
                 broken.append(step)
+                errors.append(f"step {step}: {type(e).__name__}: {first_line[:300]}")
                 error = e
                 continue
             for bad in broken:
                 self._set_aside(bad)
             return state, meta
         if steps:
-            # Nothing restores: more likely a config that does not match the checkpoints than
-            # all of them broken, so nothing is moved.
+            # Nothing restores: nothing is moved, so the files stay as they were for a look.
             raise ValueError(
-                f"none of the checkpoints {steps} in {self.directory} can be restored into the "
-                f"train state of this config (the newest error: {type(error).__name__}: "
-                f"{str(error).splitlines()[0][:500] if str(error) else ''}). Use the config "
-                "they were written with, or a new workdir."
+                f"the checkpoints in {self.directory} are unreadable: {'; '.join(errors)}. "
+                "Nothing was moved or deleted. Train in a new workdir (or move these step "
+                "directories away); a checkpoint of a different model or optimizer cannot be "
+                "read into this config's train state either."
             ) from error
+        return None
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The training config stored with the newest step whose metadata records one."""
+        for step in reversed(self.all_steps()):
+            path = os.path.join(self.directory, str(step), "meta", "metadata")
+            try:
+                with open(path) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+                return meta["config"]
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -280,7 +313,78 @@ class TrainCheckpointer:
             multihost_utils.sync_global_devices(f"ddpm_jax_set_aside_{step}")
         self._manager.reload()
 
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+    def close(self, timeout: float | None = CLOSE_TIMEOUT_S) -> None:
+        """Waits for the pending save (at most timeout seconds) and releases the manager.
+
+        The wait runs in a daemon thread, so a save that never finishes cannot keep
+        the caller waiting past the limit.
+
+        Raises:
+          TimeoutError: the save did not finish within timeout seconds.
+          The pending save's own error, if it failed (the manager is released anyway).
+        """
+        errors: list[BaseException] = []
+
+        def finish():
+            for step in (self._manager.wait_until_finished, self._manager.close):
+                try:
+                    step()
+                except BaseException as e:  # reported below, in the caller
+                    errors.append(e)
+
+        thread = threading.Thread(target=finish, name="ddpm_jax_checkpoint_close", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(
+                f"the pending checkpoint save in {self.directory} did not finish within "
+                f"{timeout:.0f} s; the steps already on disk are complete (unfinished saves "
+                "stay in temporary directories, which the next run removes)."
+            )
+        if errors:
+            raise errors[0]
+
+
+def _check_meta(meta: Any, step: int) -> None:
+    """ValueError unless meta is a dict with the fields a restore needs, for this step."""
+    missing = [k for k in _META_FIELDS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"the metadata of step {step} lacks the field(s) {missing}")
+    if meta["step"] != step:
+        raise ValueError(f"the metadata of step {step} says step {meta['step']!r}")
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def config_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[str]]:
+    """The fields in which config differs from a saved one, as "field: old -> new" lines.
+
+    Args:
+      saved: ``config.to_dict()`` of the run that wrote a checkpoint (as stored in its
+        metadata).
+      config: the new ConfigDict.
+
+    Returns:
+      (changes that alter what training means, changes listed in
+      `RESUMABLE_CONFIG_CHANGES`); each a sorted list of lines.
+    """
+    old = _flatten(json.loads(json.dumps(saved)))
+    new = _flatten(json.loads(json.dumps(config.to_dict())))
+    meaningful, harmless = [], []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field, "<absent>"), new.get(field, "<absent>")
+        if a != b:
+            line = f"{field}: {a!r} -> {b!r}"
+            (harmless if field in RESUMABLE_CONFIG_CHANGES else meaningful).append(line)
+    return meaningful, harmless
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -17,14 +17,20 @@ device count). ``optim.clip_per_replica=True`` clips each device's gradient
 before averaging, as the reference TPU code did.
 
 `train_and_evaluate` is the loop behind ``run_train.py``: it validates the
-config before compiling anything, resumes from the newest good checkpoint in
+config before compiling anything, locks the workdir (one trainer at a time,
+`ddpm_jax.workdir`), refuses to resume checkpoints written with a config that
+differs in what training means (`checkpoint.config_changes`; the override is
+``allow_config_change``), resumes from the newest good checkpoint in
 ``WORKDIR/checkpoints`` (the data stream resumes at the same batch), logs
 loss, gradient norm, learning rate, steps/s and images/s to stdout and
 TensorBoard (``WORKDIR/tensorboard``), saves checkpoints every
 ``training.checkpoint_every`` steps, at the end and on SIGTERM, writes sample
 grids drawn with the EMA params to ``WORKDIR/samples``, and stops with
 `NonFiniteLossError` on a NaN or infinite loss (before saving anything from
-that call). Only process 0 writes logs and images.
+that call). Only process 0 writes logs and images. SIGTERM before the last
+step (or before the final samples are drawn) writes a checkpoint and exits
+143 with a message; SIGTERM during the final sampling lets it finish and
+returns normally, as training is complete.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from absl import logging
 
 from ddpm_jax import builders, checkpoint, diffusion, input_pipeline, parallel, sampling, schedules
 from ddpm_jax import summary as summary_lib
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.unet import UNet
 
 PyTree = Any
@@ -349,30 +356,87 @@ def _batches(it: Iterator[dict[str, np.ndarray]], k: int) -> dict[str, np.ndarra
             "label": np.stack([b["label"] for b in items]).astype(np.int32)}
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+def train_and_evaluate(config: Any, workdir: str, *,
+                       allow_config_change: bool = False) -> TrainState:
     """Trains (or resumes training) per config in workdir; see the module docstring.
+
+    The workdir is locked for the whole run (`ddpm_jax.workdir.WorkdirLock`),
+    and every way out waits for the pending checkpoint save, at most
+    ``checkpoint.CLOSE_TIMEOUT_S`` seconds.
+
+    Args:
+      config: the training config.
+      workdir: checkpoints, logs and samples go here.
+      allow_config_change: resume even when the config differs from the one the
+        checkpoints were written with in fields that change what training means
+        (T, schedule, model, seed, batch size, optimizer, data...).
 
     Returns:
       The final train state in global form.
 
     Raises:
-      ValueError: a bad config (before anything compiles).
+      ValueError: a bad config (before anything compiles), or one that differs
+        from the checkpoints' (unless allow_config_change).
+      WorkdirBusyError: another process trains in workdir.
       NonFiniteLossError: the loss became NaN or infinite.
+      SystemExit: 143 after SIGTERM, once the checkpoint is written.
     """
     validate_config(config)
     dp = parallel.DataParallel(config.parallelism)
+    dp.local_batch_size(config.training.batch_size)  # ValueError unless it divides
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.WorkdirLock(workdir):
+        ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
+                                            max_to_keep=config.training.keep_checkpoints)
+        try:
+            _check_resume_config(ckpt, config, allow_config_change)
+            final = _train(config, workdir, ckpt, dp)
+        except BaseException:
+            try:
+                ckpt.close()
+            except Exception as e:  # do not hide the error that got us here
+                logging.error("closing the checkpoints after an error failed too: %s: %s",
+                              type(e).__name__, e)
+            raise
+        ckpt.close()
+    return final
+
+
+def _check_resume_config(ckpt: checkpoint.TrainCheckpointer, config: Any,
+                         allow_change: bool) -> None:
+    """ValueError if config changes what the checkpoints' training meant (unless allowed)."""
+    saved = ckpt.saved_config()
+    if saved is None:
+        return
+    meaningful, harmless = checkpoint.config_changes(saved, config)
+    if harmless:
+        logging.info("resuming with changed settings: %s", "; ".join(harmless))
+    if meaningful and not allow_change:
+        raise ValueError(
+            f"the config differs from the one the checkpoints in {ckpt.directory} were written "
+            "with, in field(s) that change what training means:\n  " + "\n  ".join(meaningful)
+            + "\nResume with the config they were written with, train in a new workdir, or "
+            "pass --allow_config_change to run_train.py (allow_config_change=True) to continue "
+            "from them with the new values.")
+    if meaningful:
+        logging.warning("resuming with a changed config (allowed): %s", "; ".join(meaningful))
+
+
+def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
+           dp: parallel.DataParallel) -> TrainState:
+    """The body of `train_and_evaluate`, in a locked workdir (the caller closes ckpt).
+
+    Longer than 60 lines: it is the training loop, read top to bottom.
+    """
     t_cfg = config.training
     local_batch = dp.local_batch_size(t_cfg.batch_size)
     lead = jax.process_index() == 0
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
 
     root = jax.random.key(config.seed)
     init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
     data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
     state = dp.replicate(create_train_state(config, init_key))
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
-                                        max_to_keep=t_cfg.keep_checkpoints)
     restored = ckpt.restore(state)
     if restored is not None:
         state = restored[0]
@@ -395,6 +459,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     preempt = _Preemption()
     k_full = t_cfg.steps_per_call
     sampled_at = -1
+    preempted_at = None
     try:
         k = min(k_full, t_cfg.num_train_steps - step)
         batches = _batches(data_iter, k) if k > 0 else None
@@ -415,7 +480,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                 raise NonFiniteLossError(
                     f"the loss became {metrics['loss'][bad - before - 1]} at step {bad}; stopped "
                     f"without saving. {where}. Lower optim.lr, raise optim.warmup_steps or "
-                    "enable optim.grad_clip, then resume."
+                    "enable optim.grad_clip, then resume (run_train.py needs "
+                    "--allow_config_change to resume with a changed optimizer)."
                 )
             if bar is not None:
                 bar.update(step - before)
@@ -436,26 +502,38 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             if stop:
                 logging.warning("preemption (SIGTERM) at step %d: checkpoint written; exiting.",
                                 step)
+                preempted_at = step
                 break
             if t_cfg.num_samples and _crossed(before, step, t_cfg.sample_every):
                 _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
                         writer)
                 sampled_at = step
         final = dp.to_global(state)
-        if not preempt.requested:
+        if preempted_at is None:  # training is complete
             ckpt.save(step, final, meta(step))
-            if t_cfg.num_samples and sampled_at != step:
+            # The same decision on every process (sampling is a collective).
+            sigterm = (preempt.requested if jax.process_count() == 1
+                       else ckpt.reached_preemption(step))
+            if t_cfg.num_samples and sampled_at != step and sigterm:
+                logging.warning("preemption (SIGTERM) after the last step %d: checkpoint written; "
+                                "the final samples are not drawn (run the same command again to "
+                                "draw them); exiting.", step)
+                preempted_at = step
+            elif t_cfg.num_samples and sampled_at != step:
                 _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
                         writer)
+            if preempted_at is None and preempt.requested:
+                logging.warning("SIGTERM after the last step %d: training is complete, the "
+                                "final checkpoint and samples are written; exiting normally.",
+                                step)
     finally:
         preempt.restore()
-        ckpt.close()
         if writer is not None:
             writer.close()
         if bar is not None:
             bar.close()
-    if preempt.requested:
-        raise SystemExit(143)  # 128 + SIGTERM, after the checkpoint is complete
+    if preempted_at is not None:
+        raise SystemExit(143)  # 128 + SIGTERM; the caller waits for the checkpoint
     return final
 
 

@@ -97,6 +97,54 @@ def test_corrupt_newest_falls_back_without_deleting(tmp_path, caplog):
     assert sorted(os.listdir(directory)) == ["10", "corrupt-20"]
 
 
+def _write_meta(directory, step, text):
+    with open(os.path.join(directory, str(step), "meta", "metadata"), "w") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("meta", ["{}", '{"step": 20}', '{"inference": {}}', "[]",
+                                  '{"step": 10, "inference": {}}'])
+def test_meta_lacking_fields_falls_back(tmp_path, meta):
+    """Metadata that parses but lacks what a restore needs is as bad as a corrupt step."""
+    directory = str(tmp_path / "checkpoints")
+    dp = _save_steps(directory, [10, 20])
+    _write_meta(directory, 20, meta)
+    params, loaded_meta = checkpoint.load_params(str(tmp_path))  # read-only: moves nothing
+    assert loaded_meta == {"step": 10}
+    chex.assert_trees_all_equal(params, _tree(110))
+    target = dp.replicate({"step": np.int32(0), "params": _tree(0), "ema_params": _tree(0)})
+    with checkpoint.TrainCheckpointer(directory) as ckpt:
+        state, restored_meta = ckpt.restore(target)
+    assert restored_meta["step"] == 10 and int(np.asarray(state["step"])) == 10
+    assert sorted(os.listdir(directory)) == ["10", "corrupt-20"]
+
+
+def test_all_steps_unreadable_lists_each_error(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    dp = _save_steps(directory, [10, 20])
+    _write_meta(directory, 20, "{}")
+    _break(directory, 10)
+    target = dp.replicate({"step": np.int32(0), "params": _tree(0), "ema_params": _tree(0)})
+    with checkpoint.TrainCheckpointer(directory) as ckpt, pytest.raises(ValueError) as e:
+        ckpt.restore(target)
+    msg = str(e.value)
+    assert "are unreadable" in msg and "Nothing was moved" in msg
+    assert "step 20: ValueError: the metadata of step 20 lacks the field(s) ['step', " in msg
+    assert "step 10: " in msg
+    assert sorted(os.listdir(directory)) == ["10", "20"]
+    with pytest.raises(ValueError, match="are unreadable"):
+        checkpoint.load_params(str(tmp_path))
+
+
+def test_close_gives_up_after_the_time_limit(tmp_path, monkeypatch):
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", lambda: time.sleep(30))
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish within 1 s"):
+        ckpt.close(timeout=1.0)
+    assert time.monotonic() - start < 10
+
+
 def test_nothing_restores_raises_and_moves_nothing(tmp_path):
     directory = str(tmp_path / "checkpoints")
     dp = _save_steps(directory, [1, 2])
@@ -156,11 +204,17 @@ def _wait_for_checkpoint_after(proc, workdir, after, timeout=240):
     raise AssertionError("no checkpoint appeared in time")
 
 
-def test_sigterm_then_kill9_then_resume_matches_uninterrupted(tmp_path):
+def test_sigterm_then_kill9_then_resume_matches_uninterrupted(tmp_path, caplog):
     workdir = str(tmp_path / "interrupted")
-    # 1) SIGTERM (preemption): a checkpoint at the current step, then exit code 143.
+    # 1) A second trainer on the same workdir stops at once, naming the first; then SIGTERM
+    # (preemption) writes a checkpoint at the current step and exits with code 143.
     proc = _start(workdir)
     _wait_for_checkpoint_after(proc, workdir, 0)
+    second = _start(workdir)
+    _, second_err = second.communicate(timeout=120)
+    assert second.returncode == 1, second_err[-3000:]
+    assert f"is in use by process {proc.pid} on host" in second_err
+    assert proc.poll() is None  # the first one trains on
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
@@ -173,13 +227,16 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted(tmp_path):
     proc.communicate(timeout=60)
     killed_at = _steps(workdir)[-1]
     assert killed_at > preempted_at
-    # 3) Resume in this process to step N; compare with a run that was never interrupted.
+    # 3) Resume in this process to step N (taking over the lock kill -9 left behind); compare
+    # with a run that was never interrupted.
+    assert os.path.isfile(os.path.join(workdir, "train.lock"))
     total = killed_at + 4
     resumed = train.train_and_evaluate(_fault_config(total), workdir)
+    assert "took over the stale lock" in caplog.text
     straight = train.train_and_evaluate(_fault_config(total), str(tmp_path / "straight"))
     assert int(np.asarray(resumed.step)) == int(np.asarray(straight.step)) == total
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, resumed.params),
-                                jax.tree.map(np.asarray, straight.params), rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, resumed.opt_state),
-                                jax.tree.map(np.asarray, straight.opt_state), rtol=1e-6,
-                                atol=1e-7)
+    # Exactly: the README promises the same parameters (on CPU) for the same command.
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, resumed.params),
+                                jax.tree.map(np.asarray, straight.params))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, resumed.opt_state),
+                                jax.tree.map(np.asarray, straight.opt_state))

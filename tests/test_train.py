@@ -167,7 +167,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     config.optim.lr = 1e30  # params blow up after one step
     config.optim.grad_clip = 0.0
     with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step"):
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, allow_config_change=True)  # a new lr
     ckpt_dir = os.path.join(workdir, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
     assert steps and steps[-1] <= 4
