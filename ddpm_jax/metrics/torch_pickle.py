@@ -205,7 +205,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       An ordered dict of numpy arrays (copies, in the tensors' logical layout).
     """
     path = os.fspath(path)
-    loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    try:
+        loaded = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    except ValueError as e:
+        if path in str(e):
+            raise
+        raise ValueError(f"{path}: not a torch.save state dict this reader supports: {e}") from e
+    except Exception as e:  # garbage bytes fail anywhere in unpickling (EOF, bad opcode, ...)
+        raise ValueError(f"{path}: not a torch.save state dict (expected a .pth written by "
+                         f"torch.save): {type(e).__name__}: {e}") from e
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a state dict (a dict of tensors), got "
                          f"{type(loaded).__name__}.")
