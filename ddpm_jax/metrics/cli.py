@@ -28,8 +28,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 
 def _write_json(path: str | None, result: dict) -> None:
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -44,7 +42,7 @@ def _extractor(args):
     from ddpm_jax.metrics import inception
 
     params = inception.load_inception_params(args.inception)
-    return inception.InceptionExtractor(params, batch_size=args.batch_size)
+    return inception.InceptionExtractor(params, batch_size=args.batch_size, resize=args.resize)
 
 
 def _data_cfg(args) -> dict:
@@ -61,8 +59,9 @@ def _data_cfg(args) -> dict:
 
 
 def _is_stats_file(path: str) -> bool:
-    with np.load(path) as f:
-        return "mu" in f.files and "sigma" in f.files
+    from ddpm_jax.metrics import fid
+
+    return fid.is_statistics_file(path)
 
 
 def cmd_stats(args) -> dict:
@@ -74,22 +73,24 @@ def cmd_stats(args) -> dict:
         raise ValueError("stats: give exactly one of --dataset or --images.")
     if args.images is not None:
         images = fid.load_images_npz(args.images, args.key)[:args.max_images]
-        feats = fid.array_features(extractor, images, progress=True, desc="reference")
+        feats = fid.array_features(extractor, images, progress=True, desc="reference",
+                                   is_logits=args.is_logits)
         source = {"images": os.path.abspath(args.images)}
     else:
         cfg = _data_cfg(args)
         batches, total = fid.dataset_batches(cfg, args.split, batch_size=extractor.batch_size,
                                              max_images=args.max_images)
         feats = fid.image_features(extractor, batches, total=total, progress=True,
-                                   desc=f"{args.dataset}/{args.split}")
+                                   desc=f"{args.dataset}/{args.split}", is_logits=args.is_logits)
         source = {"dataset": args.dataset, "split": args.split,
                   "image_size": cfg["image_size"]}
     mu, sigma = fid.activation_statistics(feats["pool3"])
-    fid.save_statistics(args.out, mu, sigma)
+    fid.save_statistics(args.out, mu, sigma, resize=args.resize)
     is_mean, is_std = fid.inception_score(feats["logits"], splits=min(10, len(feats["logits"])))
     result = {"stats": os.path.abspath(args.out), "num_images": len(feats["pool3"]),
               "inception_score": is_mean, "inception_score_std": is_std,
-              "seconds": round(time.time() - start, 1), **source}
+              "seconds": round(time.time() - start, 1), "resize": args.resize,
+              "is_logits": args.is_logits, **source}
     _write_json(os.path.splitext(args.out)[0] + ".json", result)
     return result
 
@@ -106,25 +107,27 @@ def cmd_fid(args) -> dict:
                              f"{len(samples)} images.")
         samples = samples[:args.num_samples]
     if _is_stats_file(args.ref):
-        ref_stats = fid.load_statistics(args.ref)
+        ref_stats = fid.load_statistics(args.ref, resize=args.resize)
     else:
-        cache = os.path.splitext(args.ref)[0] + "_inception_stats.npz"
+        cache = os.path.splitext(args.ref)[0] + f"_inception_stats_{args.resize}.npz"
         if os.path.exists(cache):
-            ref_stats = fid.load_statistics(cache)
+            ref_stats = fid.load_statistics(cache, resize=args.resize)
         else:
             ref_images = fid.load_images_npz(args.ref)
             ref_feats = fid.array_features(extractor, ref_images, progress=True,
                                            desc="reference")
             ref_stats = fid.activation_statistics(ref_feats["pool3"])
-            fid.save_statistics(cache, *ref_stats)
-    feats = fid.array_features(extractor, samples, progress=True, desc="samples")
+            fid.save_statistics(cache, *ref_stats, resize=args.resize)
+    feats = fid.array_features(extractor, samples, progress=True, desc="samples",
+                               is_logits=args.is_logits)
     mu, sigma = fid.activation_statistics(feats["pool3"])
     if args.save_stats:
-        fid.save_statistics(args.save_stats, mu, sigma)
+        fid.save_statistics(args.save_stats, mu, sigma, resize=args.resize)
     score = fid.frechet_distance(mu, sigma, *ref_stats, method=args.fid_method)
     is_mean, is_std = fid.inception_score(feats["logits"], splits=args.splits)
     result = {"fid": score, "inception_score": is_mean, "inception_score_std": is_std,
               "num_samples": len(samples), "splits": args.splits, "fid_method": args.fid_method,
+              "resize": args.resize, "is_logits": args.is_logits,
               "samples": os.path.abspath(args.samples), "reference": os.path.abspath(args.ref),
               "seconds": round(time.time() - start, 1)}
     _write_json(args.out, result)
@@ -149,6 +152,16 @@ def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--channels", type=int, default=3, help="channels for image_folder / npz")
 
 
+def _add_inception_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", choices=("tf1", "pytorch"), default="tf1",
+                   help="Inception input resize: tf1 (default; TensorFlow 1 bilinear and "
+                        "(x - 128) / 128, as the TTUR/TF-GAN code behind the paper's numbers) "
+                        "or pytorch (half-pixel bilinear and x / 127.5 - 1, as pytorch-fid)")
+    p.add_argument("--is_logits", choices=("unbiased", "biased"), default="unbiased",
+                   help="Inception Score logits: unbiased (default; pool3 @ W as the original "
+                        "IS code) or biased (the final layer with its bias)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.metrics",
                                      description="FID / IS / bits-per-dim evaluation.")
@@ -163,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=None, help="use the first N images")
     p.add_argument("--out", required=True, help="statistics .npz to write")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
+    _add_inception_args(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("fid", help="FID and IS of samples against reference statistics")
@@ -182,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_stats", default=None, help="also write the samples' statistics")
     p.add_argument("--out", default=None, help="JSON result file")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
+    _add_inception_args(p)
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("bpd", help="bits/dim (NLL bound) of a checkpoint on a data set")
