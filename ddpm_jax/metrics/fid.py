@@ -13,10 +13,14 @@ The numbers follow the TTUR FID code and the original Inception Score code, both
   without the final layer's bias (as the original code multiplies pool3 by the weights only).
 
 Statistics files are ``.npz`` with arrays ``mu`` [D] and ``sigma`` [D, D], the same layout as
-the TTUR and pytorch-fid statistics files, so either can be used as a reference.
+the TTUR and pytorch-fid statistics files, so either can be used as a reference. Ours also
+record the Inception input resize they were made with ("tf1" or "pytorch", see
+``ddpm_jax.metrics.inception``), and loading one for features of the other resize is an error,
+as are unreadable files and NaN or inf statistics.
 
-The command line (``python -m ddpm_jax.metrics.fid --help``) has two commands: ``stats``
-writes reference statistics of a data set, ``fid`` scores a samples ``.npz`` against them.
+The command line (``python -m ddpm_jax.metrics --help``, in ``cli.py``) has two commands for
+these: ``stats`` writes reference statistics of a data set, ``fid`` scores a samples ``.npz``
+against them.
 """
 
 from __future__ import annotations
