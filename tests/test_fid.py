@@ -163,6 +163,60 @@ def test_statistics_roundtrip_and_bad_file(tmp_path):
         fid.load_statistics(tmp_path / "bad.npz")
 
 
+@pytest.mark.parametrize("name, value", [("mu", np.nan), ("sigma", np.inf), ("sigma", -np.inf)])
+def test_load_statistics_refuses_non_finite_values(tmp_path, name, value):
+    mu, sigma = np.zeros(4), np.eye(4)
+    (mu if name == "mu" else sigma)[1] = value
+    path = tmp_path / "corrupt_stats.npz"
+    fid.save_statistics(path, mu, sigma)
+    with pytest.raises(ValueError, match=rf"corrupt_stats\.npz: {name} holds \d+ NaN or inf"):
+        fid.load_statistics(path)
+
+
+def test_frechet_distance_refuses_non_finite_input():
+    with pytest.raises(ValueError, match="sigma2 holds NaN"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, np.nan]))
+
+
+def test_garbage_statistics_files_name_the_file(tmp_path):
+    text = tmp_path / "text.npz"
+    text.write_text("mu,sigma\n1,2\n")
+    cases = [(text, r"text\.npz: not an \.npz file"),
+             (tmp_path / "absent.npz", r"absent\.npz: no such file")]
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    cases.append((pickled, r"pickled\.npz: unreadable \.npz \(ValueError: Object arrays"))
+    shapes = tmp_path / "shapes.npz"
+    np.savez(shapes, mu=np.zeros(3), sigma=np.eye(2))
+    cases.append((shapes, r"shapes\.npz: expected mu \[D\] and sigma \[D, D\]"))
+    truncated = tmp_path / "truncated.npz"
+    fid.save_statistics(truncated, np.zeros(64), np.eye(64))
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    cases.append((truncated, r"truncated\.npz: not an \.npz file"))
+    for path, message in cases:
+        with pytest.raises(ValueError, match=message + ".*expected a statistics file"
+                           if "shapes" not in message else message):
+            fid.load_statistics(path)
+    with pytest.raises(ValueError, match=r"text\.npz: not an \.npz file"):
+        fid.is_statistics_file(text)
+    with pytest.raises(ValueError, match=r"text\.npz: not an \.npz file.*uint8 images"):
+        fid.load_images_npz(text)
+
+
+def test_statistics_record_the_resize_and_refuse_the_other(tmp_path):
+    path = tmp_path / "stats.npz"
+    fid.save_statistics(path, np.zeros(3), np.eye(3), resize="pytorch")
+    fid.load_statistics(path, resize="pytorch")
+    fid.load_statistics(path)  # no resize asked: not checked
+    with pytest.raises(ValueError, match=r"stats\.npz: made with --resize pytorch, but these "
+                                         r"features use --resize tf1"):
+        fid.load_statistics(path, resize="tf1")
+    # TTUR / pytorch-fid files record no resize and are accepted with either.
+    np.savez(tmp_path / "ttur.npz", mu=np.zeros(3), sigma=np.eye(3))
+    for resize in ("tf1", "pytorch"):
+        fid.load_statistics(tmp_path / "ttur.npz", resize=resize)
+
+
 def test_load_images_npz_keys_and_dtype(tmp_path):
     imgs = np.zeros((3, 8, 8, 3), np.uint8)
     np.savez(tmp_path / "one.npz", whatever=imgs)
@@ -192,20 +246,27 @@ def _random_inception_npz(path):
     np.savez(path, **module.random_state_dict(keys, shapes))
 
 
-def test_stats_and_fid_commands(tmp_path):
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    weights = tmp_path_factory.mktemp("weights") / "inception.npz"
+    _random_inception_npz(weights)
+    return weights
+
+
+def test_stats_and_fid_commands(tmp_path, random_weights):
     import json
 
     from ddpm_jax import input_pipeline
     from ddpm_jax.metrics import cli, inception
 
-    weights = tmp_path / "inception.npz"
-    _random_inception_npz(weights)
+    weights = random_weights
     stats = tmp_path / "ref" / "digits_test.npz"
     common = ["--inception", str(weights), "--batch_size", "8"]
     cli.main(["stats", *common, "--dataset", "digits", "--split", "test", "--max_images", "8",
               "--out", str(stats)])
     meta = json.loads((tmp_path / "ref" / "digits_test.json").read_text())
     assert meta["num_images"] == 8
+    assert meta["resize"] == "tf1" and meta["is_logits"] == "unbiased"  # the defaults
 
     images, _ = input_pipeline.load_numpy({"name": "digits", "image_size": 8}, "test")
     images = images[:8]
@@ -225,9 +286,36 @@ def test_stats_and_fid_commands(tmp_path):
     cli.main(["fid", *common, "--samples", str(samples), "--ref", str(stats), "--splits", "2",
               "--fid_method", "eigh", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["num_samples"] == 8
+    assert result["num_samples"] == 8 and result["resize"] == "tf1"
     assert abs(result["fid"]) < 1e-3 * np.trace(sigma)
     p = np.exp(feats["logits_unbiased"].astype(np.float64))
     p /= p.sum(1, keepdims=True)
     split_scores = [np.exp(np.mean(np.sum(q * np.log(q / q.mean(0)), 1))) for q in (p[:4], p[4:])]
     np.testing.assert_allclose(result["inception_score"], np.mean(split_scores), rtol=1e-5)
+
+
+def test_fid_command_refuses_bad_reference_before_the_work(tmp_path, random_weights,
+                                                           monkeypatch):
+    from ddpm_jax.metrics import cli
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("Inception features computed before the reference was checked")
+
+    monkeypatch.setattr(fid, "array_features", no_features)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images=np.zeros((4, 8, 8, 1), np.uint8))
+    args = ["fid", "--inception", str(random_weights), "--samples", str(samples),
+            "--batch_size", "8", "--out", str(tmp_path / "fid.json")]
+    nan_stats = tmp_path / "nan_stats.npz"
+    fid.save_statistics(nan_stats, np.full(2048, np.nan), np.eye(2048))
+    with pytest.raises(ValueError, match=r"nan_stats\.npz: mu holds 2048 NaN or inf values"):
+        cli.main([*args, "--ref", str(nan_stats)])
+    other = tmp_path / "pytorch_stats.npz"
+    fid.save_statistics(other, np.zeros(2048), np.eye(2048), resize="pytorch")
+    with pytest.raises(ValueError, match=r"pytorch_stats\.npz: made with --resize pytorch"):
+        cli.main([*args, "--ref", str(other)])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"garbage\.npz: not an \.npz file"):
+        cli.main([*args, "--ref", str(garbage)])
+    assert not (tmp_path / "fid.json").exists()

@@ -48,7 +48,7 @@ def _extractor(args):
     from ddpm_jax.metrics import inception
 
     params = inception.load_inception_params(args.inception)
-    return inception.InceptionExtractor(params, batch_size=args.batch_size)
+    return inception.InceptionExtractor(params, batch_size=args.batch_size, resize=args.resize)
 
 
 def _data_cfg(args) -> dict:
@@ -69,10 +69,9 @@ _IMAGES = "uint8 images [N, H, W, C]"
 
 def _is_stats_file(path: str) -> bool:
     """True for an .npz of statistics (mu, sigma); a missing or garbage file is one error."""
-    from ddpm_jax import fileio
+    from ddpm_jax.metrics import fid
 
-    with fileio.open_npz(path, f"Inception statistics (mu, sigma) or {_IMAGES}") as f:
-        return "mu" in f.files and "sigma" in f.files
+    return fid.is_statistics_file(path)
 
 
 def _check_images_npz(path: str) -> None:
@@ -83,7 +82,7 @@ def _check_images_npz(path: str) -> None:
         pass
 
 
-def _cached_statistics(path: str):
+def _cached_statistics(path: str, resize: str):
     """(mu, sigma) from a statistics cache, or None if absent or unreadable (then rebuilt)."""
     from ddpm_jax.metrics import fid
 
@@ -91,7 +90,7 @@ def _cached_statistics(path: str):
         return None
     try:
         if _is_stats_file(path):
-            return fid.load_statistics(path)
+            return fid.load_statistics(path, resize=resize)
     except ValueError as e:
         print(f"{e} Computing the statistics again.", file=sys.stderr)
         return None
@@ -110,22 +109,24 @@ def cmd_stats(args) -> dict:
     extractor = _extractor(args)
     if args.images is not None:
         images = fid.load_images_npz(args.images, args.key)[:args.max_images]
-        feats = fid.array_features(extractor, images, progress=True, desc="reference")
+        feats = fid.array_features(extractor, images, progress=True, desc="reference",
+                                   is_logits=args.is_logits)
         source = {"images": os.path.abspath(args.images)}
     else:
         cfg = _data_cfg(args)
         batches, total = fid.dataset_batches(cfg, args.split, batch_size=extractor.batch_size,
                                              max_images=args.max_images)
         feats = fid.image_features(extractor, batches, total=total, progress=True,
-                                   desc=f"{args.dataset}/{args.split}")
+                                   desc=f"{args.dataset}/{args.split}", is_logits=args.is_logits)
         source = {"dataset": args.dataset, "split": args.split,
                   "image_size": cfg["image_size"]}
     mu, sigma = fid.activation_statistics(feats["pool3"])
-    fid.save_statistics(args.out, mu, sigma)
+    fid.save_statistics(args.out, mu, sigma, resize=args.resize)
     is_mean, is_std = fid.inception_score(feats["logits"], splits=min(10, len(feats["logits"])))
     result = {"stats": os.path.abspath(args.out), "num_images": len(feats["pool3"]),
               "inception_score": is_mean, "inception_score_std": is_std,
-              "seconds": round(time.time() - start, 1), **source}
+              "seconds": round(time.time() - start, 1), "resize": args.resize,
+              "is_logits": args.is_logits, **source}
     _write_json(os.path.splitext(args.out)[0] + ".json", result)
     return result
 
@@ -144,24 +145,26 @@ def cmd_fid(args) -> dict:
                              f"{len(samples)} images.")
         samples = samples[:args.num_samples]
     if is_stats:
-        ref_stats = fid.load_statistics(args.ref)
+        ref_stats = fid.load_statistics(args.ref, resize=args.resize)
     else:
-        cache = os.path.splitext(args.ref)[0] + "_inception_stats.npz"
-        ref_stats = _cached_statistics(cache)
+        cache = os.path.splitext(args.ref)[0] + f"_inception_stats_{args.resize}.npz"
+        ref_stats = _cached_statistics(cache, args.resize)
         if ref_stats is None:
             ref_images = fid.load_images_npz(args.ref)
             ref_feats = fid.array_features(extractor, ref_images, progress=True,
                                            desc="reference")
             ref_stats = fid.activation_statistics(ref_feats["pool3"])
-            fid.save_statistics(cache, *ref_stats)
-    feats = fid.array_features(extractor, samples, progress=True, desc="samples")
+            fid.save_statistics(cache, *ref_stats, resize=args.resize)
+    feats = fid.array_features(extractor, samples, progress=True, desc="samples",
+                               is_logits=args.is_logits)
     mu, sigma = fid.activation_statistics(feats["pool3"])
     if args.save_stats:
-        fid.save_statistics(args.save_stats, mu, sigma)
+        fid.save_statistics(args.save_stats, mu, sigma, resize=args.resize)
     score = fid.frechet_distance(mu, sigma, *ref_stats, method=args.fid_method)
     is_mean, is_std = fid.inception_score(feats["logits"], splits=args.splits)
     result = {"fid": score, "inception_score": is_mean, "inception_score_std": is_std,
               "num_samples": len(samples), "splits": args.splits, "fid_method": args.fid_method,
+              "resize": args.resize, "is_logits": args.is_logits,
               "samples": os.path.abspath(args.samples), "reference": os.path.abspath(args.ref),
               "seconds": round(time.time() - start, 1)}
     _write_json(args.out, result)
@@ -186,6 +189,16 @@ def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--channels", type=int, default=3, help="channels for image_folder / npz")
 
 
+def _add_inception_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", choices=("tf1", "pytorch"), default="tf1",
+                   help="Inception input resize: tf1 (default; TensorFlow 1 bilinear and "
+                        "(x - 128) / 128, as the TTUR/TF-GAN code behind the paper's numbers) "
+                        "or pytorch (half-pixel bilinear and x / 127.5 - 1, as pytorch-fid)")
+    p.add_argument("--is_logits", choices=("unbiased", "biased"), default="unbiased",
+                   help="Inception Score logits: unbiased (default; pool3 @ W as the original "
+                        "IS code) or biased (the final layer with its bias)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.metrics",
                                      description="FID / IS / bits-per-dim evaluation.")
@@ -200,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=None, help="use the first N images")
     p.add_argument("--out", required=True, help="statistics .npz to write")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
+    _add_inception_args(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("fid", help="FID and IS of samples against reference statistics")
@@ -219,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_stats", default=None, help="also write the samples' statistics")
     p.add_argument("--out", default=None, help="JSON result file")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
+    _add_inception_args(p)
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("bpd", help="bits/dim (NLL bound) of a checkpoint on a data set")

@@ -13,16 +13,21 @@ The numbers follow the TTUR FID code and the original Inception Score code, both
   without the final layer's bias (as the original code multiplies pool3 by the weights only).
 
 Statistics files are ``.npz`` with arrays ``mu`` [D] and ``sigma`` [D, D], the same layout as
-the TTUR and pytorch-fid statistics files, so either can be used as a reference.
+the TTUR and pytorch-fid statistics files, so either can be used as a reference. Ours also
+record the Inception input resize they were made with ("tf1" or "pytorch", see
+``ddpm_jax.metrics.inception``), and loading one for features of the other resize is an error,
+as are unreadable files and NaN or inf statistics.
 
-The command line (``python -m ddpm_jax.metrics.fid --help``) has two commands: ``stats``
-writes reference statistics of a data set, ``fid`` scores a samples ``.npz`` against them.
+The command line (``python -m ddpm_jax.metrics --help``, in ``cli.py``) has two commands for
+these: ``stats`` writes reference statistics of a data set, ``fid`` scores a samples ``.npz``
+against them.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -99,7 +104,8 @@ def frechet_distance(
       The squared Frechet distance (what papers call FID) as a Python float.
 
     Raises:
-      ValueError: on mismatched shapes, or a square root with a large imaginary component.
+      ValueError: on mismatched shapes, NaN or inf inputs, or a square root with a large
+        imaginary component.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
@@ -115,6 +121,9 @@ def frechet_distance(
 
     if method not in ("sqrtm", "eigh"):
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}.")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"Frechet distance: {name} holds NaN or inf values.")
     diff = mu1 - mu2
     if method == "eigh":
         return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
@@ -174,29 +183,104 @@ def inception_score(logits: np.ndarray, *, splits: int = 10) -> tuple[float, flo
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
-                    **extra: np.ndarray) -> None:
+                    *, resize: str | None = None, **extra: np.ndarray) -> None:
     """Writes ``mu`` and ``sigma`` (and any extra arrays) to an ``.npz`` file.
 
+    ``resize`` (the Inception input resize the features were made with, "tf1" or "pytorch")
+    is stored as the array "resize", so that ``load_statistics`` can refuse to mix the two.
     The write goes through a temporary file and a rename, so a reader never sees half a file.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    if resize is not None:
+        extra = {**extra, "resize": np.asarray(resize)}
     tmp = path + ".tmp.npz"
     np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
     os.replace(tmp, path)
 
 
-def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Reads ``(mu [D], sigma [D, D])`` from an ``.npz`` (ours, TTUR's or pytorch-fid's)."""
-    with np.load(os.fspath(path)) as f:
-        missing = [k for k in STATS_KEYS if k not in f.files]
-        if missing:
+def open_npz(path: str | os.PathLike, expected: str):
+    """``np.load`` of an ``.npz`` (no pickles); one ValueError naming the file and ``expected``.
+
+    Args:
+      path: the file.
+      expected: what it should hold, in words, for the message.
+
+    Returns:
+      The open ``numpy.lib.npyio.NpzFile`` (use it in a ``with`` block).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file; expected {expected}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file (not a zip archive; empty, truncated or "
+                         f"another format); expected {expected}.")
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e}); expected "
+                         f"{expected}.") from e
+
+
+def read_npz(path: str | os.PathLike, expected: str) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz``, read through ``open_npz`` (same errors, also per array)."""
+    with open_npz(path, expected) as f:
+        try:
+            return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{os.fspath(path)}: unreadable .npz ({type(e).__name__}: {e}); "
+                             f"expected {expected}.") from e
+
+
+_STATS_EXPECTED = ("a statistics file with arrays mu [D] and sigma [D, D], from `python -m "
+                   "ddpm_jax.metrics stats`, TTUR or pytorch-fid")
+
+
+def is_statistics_file(path: str | os.PathLike) -> bool:
+    """Whether an ``.npz`` holds "mu" and "sigma" (ValueError naming it if it is unreadable)."""
+    with open_npz(path, f"{_STATS_EXPECTED}, or uint8 images") as f:
+        return all(k in f.files for k in STATS_KEYS)
+
+
+def load_statistics(path: str | os.PathLike, *, resize: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Reads ``(mu [D], sigma [D, D])`` from an ``.npz`` (ours, TTUR's or pytorch-fid's).
+
+    Args:
+      path: the statistics file.
+      resize: the Inception input resize the caller's features use; if the file records a
+        different one (files made by ``save_statistics(..., resize=...)``), ValueError.
+        TTUR and pytorch-fid files record none and are accepted.
+
+    Raises:
+      ValueError: naming the file, if it is unreadable, lacks mu or sigma, has the wrong
+        shapes, holds NaN or inf, or was made with another resize.
+    """
+    path = os.fspath(path)
+    arrays = read_npz(path, _STATS_EXPECTED)
+    missing = [k for k in STATS_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: not a statistics file; it lacks {missing} (has "
+                         f"{sorted(arrays)}). Make one with `python -m ddpm_jax.metrics stats`.")
+    try:
+        mu, sigma = (np.asarray(arrays[k], np.float64) for k in STATS_KEYS)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: mu and sigma must be numeric arrays ({e}).") from e
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got shapes {mu.shape} and "
+                         f"{sigma.shape}.")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
             raise ValueError(
-                f"{path}: not a statistics file; it lacks {missing} (has {f.files}). Make one "
-                "with `python -m ddpm_jax.metrics.fid stats`."
-            )
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+                f"{path}: {name} holds {np.sum(~np.isfinite(value))} NaN or inf values; the "
+                "statistics are corrupt (remake them with `python -m ddpm_jax.metrics stats`).")
+    if resize is not None and "resize" in arrays and str(arrays["resize"]) != resize:
+        raise ValueError(
+            f"{path}: made with --resize {arrays['resize']}, but these features use --resize "
+            f"{resize}; FID across the two is meaningless. Pass --resize {arrays['resize']} or "
+            "remake the statistics.")
+    return mu, sigma
 
 
 def load_images_npz(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
@@ -210,7 +294,10 @@ def load_images_npz(path: str | os.PathLike, key: str | None = None) -> np.ndarr
     Returns:
       uint8 [N, H, W, C] with C in {1, 3}.
     """
-    with np.load(os.fspath(path)) as f:
+    path = os.fspath(path)
+    expected = "uint8 images [N, H, W, C], e.g. the samples.npz that ddpm_jax.generate writes"
+    f = open_npz(path, expected)
+    with f:
         if key is None:
             if len(f.files) == 1:
                 key = f.files[0]
@@ -221,7 +308,11 @@ def load_images_npz(path: str | os.PathLike, key: str | None = None) -> np.ndarr
                                  f"{f.files}.")
         elif key not in f.files:
             raise ValueError(f"{path}: no array named {key!r}; it has {f.files}.")
-        images = f[key]
+        try:
+            images = f[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}[{key}]: unreadable ({type(e).__name__}: {e}); expected "
+                             f"{expected}.") from e
     return check_images(images, name=f"{path}[{key}]")
 
 
@@ -257,7 +348,8 @@ DEFAULT_IMAGE_SIZES = {"digits": 8, "cifar10": 32, "celeb_a_hq": 256, "lsun_chur
 
 def image_features(extractor: Callable[..., Mapping[str, np.ndarray]],
                    batches: Iterable[np.ndarray], *, total: int | None = None,
-                   progress: bool = False, desc: str = "Inception") -> dict[str, np.ndarray]:
+                   progress: bool = False, desc: str = "Inception",
+                   is_logits: str = "unbiased") -> dict[str, np.ndarray]:
     """Inception features of a stream of uint8 image batches.
 
     Args:
@@ -266,10 +358,17 @@ def image_features(extractor: Callable[..., Mapping[str, np.ndarray]],
       total: number of images expected, for the progress bar.
       progress: show a progress bar (counted in images).
       desc: its label.
+      is_logits: the Inception Score's logits: "unbiased" (default; pool3 @ W, as the
+        original Inception Score code computes them) or "biased" (the final layer with its
+        bias).
 
     Returns:
-      "pool3" float32 [N, 2048] and "logits" float32 [N, 1008] (without bias, for the IS).
+      "pool3" float32 [N, 2048] and "logits" float32 [N, 1008] (those chosen by
+      ``is_logits``).
     """
+    if is_logits not in ("unbiased", "biased"):
+        raise ValueError(f"is_logits must be 'unbiased' or 'biased', got {is_logits!r}.")
+    logits_key = "logits_unbiased" if is_logits == "unbiased" else "logits"
     bar = None
     if progress:
         from tqdm import tqdm
@@ -278,7 +377,7 @@ def image_features(extractor: Callable[..., Mapping[str, np.ndarray]],
     for batch in batches:
         out = extractor(check_images(batch))
         pool3.append(out["pool3"])
-        logits.append(out["logits_unbiased"])
+        logits.append(out[logits_key])
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -294,12 +393,13 @@ def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 def array_features(extractor, images: np.ndarray, *, progress: bool = False,
-                   desc: str = "Inception") -> dict[str, np.ndarray]:
+                   desc: str = "Inception", is_logits: str = "unbiased"
+                   ) -> dict[str, np.ndarray]:
     """``image_features`` of an in-memory uint8 array [N, H, W, C]."""
     images = check_images(images)
     size = getattr(extractor, "batch_size", 200)
     return image_features(extractor, _chunks(images, size), total=len(images),
-                          progress=progress, desc=desc)
+                          progress=progress, desc=desc, is_logits=is_logits)
 
 
 def dataset_batches(data_cfg: Mapping[str, Any], split: str, *, batch_size: int,

@@ -2,19 +2,37 @@
 
 This is the network that the TTUR FID code, the original Inception Score code and pytorch-fid
 use, with its FID-specific blocks: average pools that do not count padding (Mixed_5*, Mixed_6b-e,
-Mixed_7b) and a max pool in the last block's pooling branch (Mixed_7c). Images are resized
-bilinearly to 299x299 (half-pixel centres, no antialiasing, as ``F.interpolate(...,
-align_corners=False)`` in pytorch-fid) and scaled to [-1, 1]. The outputs are the 2048-d pool3
-features and the 1008-way logits (with and without the final bias; the original Inception Score
-code uses the logits without it).
+Mixed_7b) and a max pool in the last block's pooling branch (Mixed_7c). The outputs are the
+2048-d pool3 features and the 1008-way logits (with and without the final bias).
+
+Input handling, two choices (``resize=``):
+
+* ``"tf1"`` (default): what the paper's numbers went through. The TTUR FID code and the
+  original Inception Score code feed [0, 255] floats to the graph's ``ExpandDims`` input; the
+  graph then resizes with TensorFlow 1's ``ResizeBilinear`` (``align_corners=False``, no
+  half-pixel centres: source coordinate ``i * n_in / n_out``) to 299x299 and scales by
+  ``(x - 128) / 128``. TF-GAN's ``preprocess_image`` (used by the DDPM authors' code) does the
+  same resize and scaling. The scaled range is [-1, 0.9921875], not [-1, 1].
+* ``"pytorch"``: pytorch-fid's ``F.interpolate(x, (299, 299), mode="bilinear",
+  align_corners=False)`` (half-pixel centres: source ``(i + 0.5) * n_in / n_out - 0.5``) of
+  ``x / 255``, then ``2 x - 1``. Use it to compare with statistics made by pytorch-fid.
+
+FID between statistics made with different choices is not meaningful; ``fid.save_statistics``
+records the choice and ``fid.load_statistics`` checks it.
+
+Inception Score logits: the original code (openai/improved-gan ``inception_score/model.py``)
+multiplies pool3 by the weights of ``softmax/logits/MatMul`` alone, so its logits lack the
+final bias; ``"logits_unbiased"`` is that, ``"logits"`` adds the bias.
 
 Weights: download pytorch-fid's port of the graph (about 92 MB)
 
     https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 
 and pass its path to ``load_inception_params``. The first call converts it to a torch-free
-``.npz`` cached beside it (``pt_inception-2015-12-05-6726825d.npz``); later calls read the
-``.npz`` only. The ``.pth`` is read by ``ddpm_jax.metrics.torch_pickle`` without torch.
+``.npz`` cached beside it (``pt_inception-2015-12-05-6726825d.npz``), holding the SHA-256 of
+the ``.pth`` it came from; later calls read the ``.npz`` when that hash matches the ``.pth``
+and rebuild it when not. The ``.pth`` is read by ``ddpm_jax.metrics.torch_pickle`` without
+torch.
 
 Every convolution and matmul runs at ``Precision.HIGHEST``: on TPU the default float32 matmul
 precision would otherwise move the features (and FID) noticeably.
@@ -23,8 +41,10 @@ precision would otherwise move the features (and FID) noticeably.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -42,14 +62,40 @@ BN_EPS = 1e-3
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of 1-D bilinear interpolation with half-pixel centres.
+RESIZE_METHODS = ("tf1", "pytorch")
+DEFAULT_RESIZE = "tf1"
+# Which logits the Inception Score uses: the original code's pool3 @ W (no bias), or the layer
+# with its bias.
+IS_LOGITS = {"unbiased": "logits_unbiased", "biased": "logits"}
+DEFAULT_IS_LOGITS = "unbiased"
 
-    Matches ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` (and TF2's
-    ``resize`` with ``antialias=False``): source coordinate ``(i + 0.5) * n_in / n_out - 0.5``,
-    clamped below at 0; neighbours clamped at the border.
+
+def check_resize(resize: str) -> str:
+    """Returns ``resize`` if it is one of ``RESIZE_METHODS``, else raises ValueError."""
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {resize!r}.")
+    return resize
+
+
+def resize_matrix(n_in: int, n_out: int, resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """[n_out, n_in] matrix of 1-D bilinear interpolation (no antialiasing), in float64.
+
+    Args:
+      n_in: input length.
+      n_out: output length.
+      resize: "tf1": TensorFlow 1's ``resize_bilinear(align_corners=False)`` without half-pixel
+        centres, source coordinate ``i * n_in / n_out``, computed in float32 as TensorFlow's
+        kernel does (so the weights are TensorFlow's to the bit). "pytorch": half-pixel
+        centres as ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``,
+        source ``(i + 0.5) * n_in / n_out - 0.5`` clamped below at 0. In both, the upper
+        neighbour is clamped at the border.
     """
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i = np.arange(n_out, dtype=np.float64)
+    if check_resize(resize) == "tf1":
+        scale = np.float32(n_in) / np.float32(n_out)
+        src = (i.astype(np.float32) * scale).astype(np.float64)
+    else:
+        src = np.maximum((i + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = src - i0
@@ -59,14 +105,22 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 (or [0, 255] float) images [B, H, W, C], C in {1, 3} -> [B, 299, 299, 3] in [-1, 1]."""
-    x = images.astype(jnp.float32) / 255.0
+def preprocess(images: jax.Array, resize: str = DEFAULT_RESIZE) -> jax.Array:
+    """uint8 (or [0, 255] float) images [B, H, W, C], C in {1, 3} -> [B, 299, 299, 3].
+
+    "tf1": resize the [0, 255] values, then ``(x - 128) / 128`` (the 2015-12-05 graph's own
+    preprocessing). "pytorch": resize ``x / 255``, then ``2 x - 1`` (pytorch-fid's).
+    """
+    x = images.astype(jnp.float32)
+    if check_resize(resize) == "pytorch":
+        x = x / 255.0
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
-    rh = jnp.asarray(resize_matrix(x.shape[1], INPUT_SIZE), jnp.float32)
-    rw = jnp.asarray(resize_matrix(x.shape[2], INPUT_SIZE), jnp.float32)
+    rh = jnp.asarray(resize_matrix(x.shape[1], INPUT_SIZE, resize), jnp.float32)
+    rw = jnp.asarray(resize_matrix(x.shape[2], INPUT_SIZE, resize), jnp.float32)
     x = jnp.einsum("oh,bhwc,pw->bopc", rh, x, rw, precision=_HIGHEST)
+    if resize == "tf1":
+        return (x - 128.0) / 128.0
     return 2.0 * x - 1.0
 
 
@@ -214,12 +268,15 @@ class InceptionV3(nn.Module):
 
     ``__call__(images)`` takes uint8 (or [0, 255] float) images [B, H, W, C], C in {1, 3}, of
     any size, and returns a dict with "pool3" [B, 2048], "logits" [B, 1008] (with bias) and
-    "logits_unbiased" [B, 1008] (pool3 @ W, what the Inception Score uses).
+    "logits_unbiased" [B, 1008] (pool3 @ W, what the original Inception Score code uses).
+    ``resize`` chooses the input resize and scaling ("tf1" or "pytorch", see ``preprocess``).
     """
+
+    resize: str = DEFAULT_RESIZE
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        x = preprocess(images)
+        x = preprocess(images, self.resize)
         x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -278,7 +335,13 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
         parts = key.split(".")
         if parts[-1] == "num_batches_tracked":
             continue
-        value = np.asarray(value, np.float32)
+        if len(parts) < 2:
+            unexpected.append(key)
+            continue
+        try:
+            value = np.asarray(value, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{key}: not a numeric array ({e}).") from e
         if parts[-2:] == ["conv", "weight"]:
             name, value = "/".join([*parts[:-1], "kernel"]), value.transpose(2, 3, 1, 0)
         elif parts[-2] == "bn" and parts[-1] in _BN_NAMES:
@@ -306,17 +369,52 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+SOURCE_HASH_KEY = "_source_sha256"
+_WEIGHTS_HINT = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth (see "
+                 "ddpm_jax.metrics.inception) or the .npz cached from it")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (about 0.2 s for the 92 MB .pth)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_weights_npz(path: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """(state dict, source hash or None) of a weights ``.npz``; ValueError naming it if garbage."""
+    from ddpm_jax.metrics import fid
+
+    arrays = fid.read_npz(path, f"Inception weights: {_WEIGHTS_HINT}")
+    source = arrays.pop(SOURCE_HASH_KEY, None)
+    return arrays, None if source is None else str(source)
+
+
+def _params_from_npz(path: str) -> dict:
+    state_dict, _ = _read_weights_npz(path)
+    try:
+        return convert_state_dict(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 def load_inception_params(path: str | os.PathLike) -> dict:
     """Loads FID Inception params from pytorch-fid's ``.pth`` or our cached ``.npz``.
 
     Args:
       path: ``pt_inception-2015-12-05-6726825d.pth`` (downloaded by the user, see the module
-        docstring) or the ``.npz`` cache made from it. Given a ``.pth`` whose ``.npz`` already
-        sits beside it, the ``.npz`` is read; otherwise the ``.pth`` is converted and the
-        ``.npz`` written (if the folder is writable).
+        docstring) or the ``.npz`` cache made from it. Given a ``.pth``, the ``.npz`` beside it
+        is read if it records this ``.pth``'s SHA-256; otherwise (missing, made from another
+        file, or unreadable) the ``.pth`` is converted and the ``.npz`` written again (if the
+        folder is writable), through a temporary file and a rename.
 
     Returns:
       The params pytree for ``InceptionV3().apply({"params": params}, images)``.
+
+    Raises:
+      ValueError: naming the file, if it is missing or not what is expected.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -326,31 +424,43 @@ def load_inception_params(path: str | os.PathLike) -> dict:
             "path.")
     root, ext = os.path.splitext(path)
     if ext == ".npz":
-        with np.load(path) as f:
-            return convert_state_dict({k: f[k] for k in f.files})
+        return _params_from_npz(path)
     if ext not in (".pth", ".pt"):
         raise ValueError(f"Inception weights must be a .pth or .npz file, got {path!r}.")
     cache = root + ".npz"
+    source_hash = file_sha256(path)
     if os.path.exists(cache):
-        return load_inception_params(cache)
+        try:
+            state_dict, cached_hash = _read_weights_npz(cache)
+            if cached_hash == source_hash:
+                return convert_state_dict(state_dict)
+        except ValueError:
+            pass  # an unreadable or foreign cache: rebuilt below
+        print(f"Inception weights cache {cache} does not match {path}; rebuilding it.",
+              file=sys.stderr)
     from ddpm_jax.metrics import torch_pickle
 
     state_dict = torch_pickle.load_state_dict(path)
-    params = convert_state_dict(state_dict)  # validate before caching
     try:
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, **{k: np.asarray(v) for k, v in state_dict.items()})
+        params = convert_state_dict(state_dict)  # validate before caching
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    tmp = cache + ".tmp.npz"
+    try:
+        np.savez(tmp, **{k: np.asarray(v) for k, v in state_dict.items()},
+                 **{SOURCE_HASH_KEY: np.asarray(source_hash)})
         os.replace(tmp, cache)
-    except OSError:
-        pass  # a read-only folder: convert again next time
+    except OSError:  # a read-only folder (or a full disk): convert again next time
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return params
 
 
 @functools.lru_cache(maxsize=8)
-def _sharded_apply(devices: tuple[jax.Device, ...]):
-    """One jitted InceptionV3 per device set, so that extractors share compilations."""
+def _sharded_apply(devices: tuple[jax.Device, ...], resize: str):
+    """One jitted InceptionV3 per device set and resize, so that extractors share compilations."""
     data, replicated = builders.data_shardings(devices)
-    model = InceptionV3()
+    model = InceptionV3(resize=resize)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x),
                     in_shardings=(replicated, data), out_shardings=replicated)
     return apply, data, replicated
@@ -362,16 +472,18 @@ class InceptionExtractor:
     Each call's images are cut into batches of ``batch_size`` (rounded up to a multiple of
     the device count; the last batch is zero-padded so the network compiles once), sharded on
     the batch axis over a 1-D mesh of all devices; results come back replicated. With several
-    processes every process must pass the same images.
+    processes every process must pass the same images. ``resize`` is the input resize and
+    scaling ("tf1", the default, or "pytorch"; see ``preprocess``).
     """
 
     def __init__(self, params: Mapping, *, batch_size: int = 200,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, resize: str = DEFAULT_RESIZE):
         devices = tuple(jax.devices() if devices is None else devices)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.resize = check_resize(resize)
         self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
-        self._apply, self._data, replicated = _sharded_apply(devices)
+        self._apply, self._data, replicated = _sharded_apply(devices, self.resize)
         self._params = jax.device_put(params, replicated)
 
     def __call__(self, images: np.ndarray, *, progress: bool = False,
