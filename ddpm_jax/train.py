@@ -36,7 +36,6 @@ returns normally, as training is complete.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import signal
 import sys
@@ -52,36 +51,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import builders, checkpoint, diffusion, input_pipeline, parallel, sampling, schedules
+from ddpm_jax import builders, checkpoint, config_lib, diffusion, input_pipeline, parallel, sampling
 from ddpm_jax import summary as summary_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.unet import UNet
 
 PyTree = Any
-
-# The fields a config may have, per section (None: a top-level scalar).
-CONFIG_FIELDS: dict[str, tuple[str, ...] | None] = {
-    "seed": None,
-    "parallelism": None,
-    "data": ("name", "path", "data_dir", "image_size", "channels", "random_flip",
-             "shuffle_buffer"),
-    "model": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-              "resamp_with_conv", "num_classes", "dtype", "remat"),
-    "diffusion": ("beta_schedule", "beta_start", "beta_end", "num_timesteps", "mean_type",
-                  "var_type", "loss_type"),
-    "optim": ("lr", "warmup_steps", "beta1", "beta2", "eps", "grad_clip", "clip_per_replica"),
-    "training": ("batch_size", "num_train_steps", "steps_per_call", "ema_decay", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples"),
-    "sampling": ("sampler", "num_steps", "clip_denoised"),
-}
-_ENUMS = {
-    ("diffusion", "mean_type"): diffusion.MEAN_TYPES,
-    ("diffusion", "var_type"): diffusion.VAR_TYPES,
-    ("diffusion", "loss_type"): diffusion.LOSS_TYPES,
-    ("sampling", "sampler"): sampling.SAMPLERS,
-    ("parallelism", None): parallel.PARALLELISMS,
-}
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the newest checkpoint is the last good state."""
@@ -107,60 +82,18 @@ class TrainState:
 # --------------------------------------------------------------------------- config
 
 
-def validate_config(config: Any) -> None:
-    """Raises ValueError for an unknown field or a bad value, before anything compiles."""
-    for section in config.keys():
-        if section not in CONFIG_FIELDS:
-            raise ValueError(f"unknown config field {section!r}; allowed: {sorted(CONFIG_FIELDS)}.")
-        fields = CONFIG_FIELDS[section]
-        if fields is not None:
-            unknown = sorted(set(config[section].keys()) - set(fields))
-            if unknown:
-                raise ValueError(
-                    f"unknown config field(s) {[f'{section}.{u}' for u in unknown]}; "
-                    f"allowed in {section}: {list(fields)}."
-                )
-    missing = sorted(set(CONFIG_FIELDS) - set(config.keys()))
-    if missing:
-        raise ValueError(f"the config lacks the section(s) {missing}; start from "
-                         "configs/default.py.")
-    for (section, field), allowed in _ENUMS.items():
-        value = config[section] if field is None else config[section][field]
-        if value not in allowed:
-            name = section if field is None else f"{section}.{field}"
-            raise ValueError(f"config.{name}={value!r} is unknown; allowed: {list(allowed)}.")
-    input_pipeline.DataSettings.from_config(config.data)
-    schedules.get_beta_schedule(config.diffusion.beta_schedule,
-                                beta_start=config.diffusion.beta_start,
-                                beta_end=config.diffusion.beta_end,
-                                num_timesteps=config.diffusion.num_timesteps)
-    builders.unet_config(config).validate(config.data.image_size)
-    t = config.training
-    positive = ("batch_size", "num_train_steps", "steps_per_call", "log_every",
-                "checkpoint_every", "sample_every", "keep_checkpoints")
-    for field in positive:
-        if not isinstance(t[field], int) or t[field] < 1:
-            raise ValueError(f"config.training.{field} must be a positive int, got {t[field]!r}.")
-    if t.num_samples < 0:
-        raise ValueError(f"config.training.num_samples must be >= 0, got {t.num_samples}.")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ValueError(f"config.training.ema_decay must be in [0, 1), got {t.ema_decay}.")
-    o = config.optim
-    finite = all(math.isfinite(float(v or 0)) for v in (o.lr, o.grad_clip, o.beta1, o.beta2, o.eps))
-    if not finite or o.lr <= 0 or o.warmup_steps < 0 or (o.grad_clip or 0) < 0:
-        raise ValueError("config.optim: lr must be a finite number > 0, warmup_steps >= 0 and "
-                         "grad_clip a finite number >= 0 (0 disables clipping), beta1, beta2 and "
-                         f"eps finite; got lr={o.lr}, warmup_steps={o.warmup_steps}, "
-                         f"grad_clip={o.grad_clip}, beta1={o.beta1}, beta2={o.beta2}, eps={o.eps}.")
-    if config.diffusion.num_timesteps < 2:
-        raise ValueError(f"config.diffusion.num_timesteps must be >= 2, got "
-                         f"{config.diffusion.num_timesteps} (the posterior at t = 0 borrows the "
-                         "t = 1 variance).")
+def validate_config(config: Any) -> config_lib.ExperimentConfig:
+    """Checks a training config before anything compiles; returns its typed sections.
+
+    ``config_lib.ExperimentConfig.from_config``: unknown or missing sections and
+    fields, and bad values, raise ValueError naming the field.
+    """
+    return config_lib.ExperimentConfig.from_config(config)
 
 
 def learning_rate_fn(config: Any) -> optax.Schedule:
     """lr * min(1, step / warmup_steps): linear warm-up from 0, then constant."""
-    o = config.optim
+    o = config_lib.OptimConfig.from_config(config.optim)
     if not o.warmup_steps:
         return optax.constant_schedule(o.lr)
     return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
@@ -175,7 +108,7 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
     the same two stages (``optax.identity`` in place of the clipping), so the
     optimizer state, and with it a checkpoint, does not depend on these options.
     """
-    o = config.optim
+    o = config_lib.OptimConfig.from_config(config.optim)
     clip = o.grad_clip and not o.clip_per_replica
     return optax.chain(
         optax.clip_by_global_norm(float(o.grad_clip)) if clip else optax.identity(),

@@ -157,3 +157,44 @@ def test_digits_quality_judge_accepts_real_digits_and_rejects_one_class():
     assert ok["real_heldout_accuracy"] > 0.95
     blank = np.zeros((400, 8, 8, 1), np.uint8)
     assert digits_quality.score(blank)["max_class_share"] == 1.0  # one class: rejected
+
+
+def test_typed_sections_are_the_one_list_of_fields():
+    """Each section of configs/default.py has exactly its dataclass's fields, read back typed."""
+    import dataclasses
+
+    from ddpm_jax import config_lib
+
+    c = load("default").get_config()
+    typed = config_lib.ExperimentConfig.from_config(c)
+    for name, cls in (("diffusion", config_lib.DiffusionConfig), ("optim", config_lib.OptimConfig),
+                      ("training", config_lib.TrainingConfig),
+                      ("sampling", config_lib.SamplingConfig)):
+        assert sorted(f.name for f in dataclasses.fields(cls)) == sorted(c[name].keys()), name
+        section = getattr(typed, name)
+        assert {k: getattr(section, k) for k in c[name].keys()} == c[name].to_dict()
+    np.testing.assert_array_equal(typed.diffusion.betas(), np.linspace(1e-4, 0.02, 1000))
+    assert typed.model.out_ch == 3 and typed.data.image_size == 32
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    ("optim", "beta1", 1.0, "beta1"),
+    ("optim", "warmup_steps", -1, "warmup_steps"),
+    ("training", "ema_decay", float("nan"), "ema_decay"),
+    ("training", "num_samples", -1, "num_samples"),
+    ("diffusion", "beta_end", float("inf"), "beta_end"),
+    ("sampling", "num_steps", 0, "num_steps"),
+    (None, "seed", True, "seed"),
+])
+def test_typed_sections_reject_bad_values(section, field, value, match):
+    c = load("test").get_config()
+    (c if section is None else c[section])[field] = value
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(c)
+
+
+def test_missing_field_names_the_section():
+    c = load("test").get_config().to_dict()
+    del c["optim"]["eps"]
+    with pytest.raises(ValueError, match=r"config.optim lacks \['eps'\]"):
+        train.validate_config(c)
