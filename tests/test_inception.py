@@ -257,7 +257,7 @@ def test_garbage_weights_files_name_the_file(tmp_path):
                            FIXTURES, "inception_tiny_zip.pth"), "rb").read()[:300])]:
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(ValueError, match=rf"{name}: not a torch.save state dict"):
+        with pytest.raises(ValueError, match=rf"{name} is not a readable PyTorch state dict"):
             inception.load_inception_params(path)
         assert not (tmp_path / name.replace(".pth", ".npz")).exists()
 
