@@ -151,7 +151,7 @@ class InTrainingEval:
         self.settings = e
         try:
             params = inception.load_inception_params(e.inception)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:  # any bad file
             raise ValueError(f"config.eval.inception={e.inception!r} cannot be loaded as FID "
                              f"Inception weights: {err}") from err
         self.extractor = inception.InceptionExtractor(params, batch_size=e.batch_size,
