@@ -66,8 +66,11 @@ def probabilities(history: LossHistory) -> jax.Array:
     with w_t = sqrt(mean of the squared stored losses at t) and u = UNIFORM_PROB."""
     num_timesteps = history.num_timesteps
     w = jnp.sqrt(jnp.mean(jnp.square(history.losses), axis=1))
-    warm_p = (1.0 - UNIFORM_PROB) * w / jnp.sum(w) + UNIFORM_PROB / num_timesteps
-    return jnp.where(is_warm(history), warm_p, jnp.full_like(w, 1.0 / num_timesteps))
+    total = jnp.sum(w)
+    warm_p = (1.0 - UNIFORM_PROB) * w / jnp.where(total > 0, total, 1.0) + (
+        UNIFORM_PROB / num_timesteps)
+    use_warm = is_warm(history) & (total > 0)  # all-zero losses: stay uniform
+    return jnp.where(use_warm, warm_p, jnp.full_like(w, 1.0 / num_timesteps))
 
 
 def sample_timesteps(history: LossHistory, key: jax.Array, batch: int
@@ -76,12 +79,13 @@ def sample_timesteps(history: LossHistory, key: jax.Array, batch: int
 
     Returns:
       (t int32 [batch], weights float32 [batch]); the weights are exactly 1 while the
-      history is not warm.
+      draw is uniform (before the history is warm).
     """
     p = probabilities(history)
     num_timesteps = history.num_timesteps
     t = jax.random.choice(key, num_timesteps, (batch,), p=p).astype(jnp.int32)
-    weights = jnp.where(is_warm(history), 1.0 / (num_timesteps * p[t]), 1.0)
+    uniform = jnp.all(p == p[0])
+    weights = jnp.where(uniform, 1.0, 1.0 / (num_timesteps * p[t]))
     return t, weights.astype(jnp.float32)
 
 

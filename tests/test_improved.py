@@ -108,6 +108,11 @@ def test_probabilities_and_weights_closed_form():
     np.testing.assert_array_equal(w, np.ones(64, np.float32))  # exactly 1 before warm
 
     warm = cold.replace(counts=jnp.full((num_timesteps,), H + 3, jnp.int32))
+    zeros = warm.replace(losses=jnp.zeros_like(warm.losses))  # no information: stay uniform
+    np.testing.assert_array_equal(timestep_sampling.probabilities(zeros),
+                                  np.full(num_timesteps, 1 / num_timesteps, np.float32))
+    np.testing.assert_array_equal(
+        timestep_sampling.sample_timesteps(zeros, jax.random.key(0), 8)[1], np.ones(8))
     root_mean_sq = np.sqrt(np.mean(losses**2, axis=1))
     u = timestep_sampling.UNIFORM_PROB
     want = (1 - u) * root_mean_sq / root_mean_sq.sum() + u / num_timesteps
