@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.num_steps = 100
     ev.seed = 1  # the same samples' noise at every evaluation
     ev.inception = ""  # pt_inception-2015-12-05-6726825d.pth (or its .npz)
-    ev.ref_stats = ""  # python -m ddpm_jax.metrics.fid stats ... --out cifar10_train.npz
+    ev.ref_stats = ""  # python -m ddpm_jax.metrics stats ... --out cifar10_train.npz
     ev.fid_method = "eigh"  # "sqrtm" for the TTUR computation (slower)
     ev.is_splits = 10
     return config

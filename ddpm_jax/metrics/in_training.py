@@ -7,7 +7,7 @@ same seed ``eval.seed`` at every evaluation, so that the numbers move with the m
 not with the noise), computes their Inception features (`inception.InceptionExtractor`
 with the weights at ``eval.inception``), and scores them against the reference
 statistics ``eval.ref_stats`` (an ``.npz`` with ``mu`` and ``sigma``, e.g. made by
-``python -m ddpm_jax.metrics.fid stats``): FID (`fid.frechet_distance`, by default with
+``python -m ddpm_jax.metrics stats``): FID (`fid.frechet_distance`, by default with
 ``method="eigh"``: seconds instead of about a minute for ``"sqrtm"``, equal to float64
 round-off when there are more samples than features) and the Inception Score over
 ``eval.is_splits`` splits. The numbers go to TensorBoard as ``eval/fid``,
@@ -77,7 +77,7 @@ def validate_eval_config(config: Any, *, local_devices: int) -> None:
     _check_file(e.inception, "inception", "the FID Inception weights "
                 "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or its .npz)")
     _check_file(e.ref_stats, "ref_stats", "the reference statistics .npz (make them with "
-                "`python -m ddpm_jax.metrics.fid stats`)")
+                "`python -m ddpm_jax.metrics stats`)")
     try:
         mu, sigma = fid.load_statistics(e.ref_stats)
     except (OSError, ValueError) as err:
