@@ -86,10 +86,6 @@ def test_score_images_matches_numpy(extractor, ref_stats):
     np.testing.assert_allclose(got["fid"], want_fid, rtol=1e-6)
     np.testing.assert_allclose([got["inception_score"], got["inception_score_std"]], want_is,
                                rtol=1e-6)
-    # The references themselves score FID ~ 0.
-    held_out, _ = input_pipeline.load_numpy({"name": "digits", "image_size": 8}, "test")
-    same = in_training.score_images(extractor, held_out[:16], ref, is_splits=2)
-    assert abs(same["fid"]) < 1e-4 * np.trace(ref[1])
 
 
 def eval_config(weights_path, stats_path, **fields):
