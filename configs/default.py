@@ -78,10 +78,26 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_checkpoints = 3
     training.sample_every = 50_000
     training.num_samples = 64
+    # "uniform" (the paper) or "loss_aware" (importance-sampled timesteps, for loss_type "kl").
+    training.timestep_sampler = "uniform"
 
     # How the periodic sample grids are drawn (with the EMA params).
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ddpm"  # "ddpm" | "ddim"
     sampling.num_steps = ml_collections.config_dict.placeholder(int)  # DDIM steps
     sampling.clip_denoised = True
+
+    # FID and Inception Score of EMA samples during training (ddpm_jax.metrics.in_training);
+    # off while every = 0. Turning it on needs the two files, checked when training starts.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.every = 0  # train steps between evaluations; 0: off
+    ev.num_samples = 10_000
+    ev.batch_size = 512  # images per sampling call and Inception batch (x local devices)
+    ev.sampler = "ddim"
+    ev.num_steps = 100  # network evaluations per sample (None: all T, for "ddpm" only)
+    ev.seed = 1  # the same samples' noise at every evaluation
+    ev.inception = ""  # pt_inception-2015-12-05-6726825d.pth (or its .npz)
+    ev.ref_stats = ""  # python -m ddpm_jax.metrics stats ... --out cifar10_train.npz
+    ev.fid_method = "eigh"  # "sqrtm" for the TTUR computation (slower)
+    ev.is_splits = 10
     return config

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ddpm_jax import diffusion, input_pipeline, parallel, sampling, schedules
+from ddpm_jax import diffusion, input_pipeline, parallel, sampling, schedules, timestep_sampling
 from ddpm_jax.unet import UNetConfig
 
 REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -201,6 +201,9 @@ class TrainingConfig:
       log_every, checkpoint_every, sample_every: in steps.
       keep_checkpoints: how many checkpoints to keep.
       num_samples: images in each sample grid (0: none).
+      timestep_sampler: one of `timestep_sampling.TIMESTEP_SAMPLERS`: "uniform"
+        (the paper's) or "loss_aware" (importance sampling by the loss history,
+        Nichol & Dhariwal 2021); absent in older configs, then "uniform".
     """
 
     batch_size: int
@@ -212,6 +215,7 @@ class TrainingConfig:
     keep_checkpoints: int
     sample_every: int
     num_samples: int
+    timestep_sampler: str = "uniform"
 
     def __post_init__(self):
         for name in ("batch_size", "num_train_steps", "steps_per_call", "log_every",
@@ -223,6 +227,8 @@ class TrainingConfig:
                              f"{self.num_samples!r}.")
         if not 0.0 <= _finite("training.ema_decay", self.ema_decay) < 1.0:
             raise ValueError(f"config.training.ema_decay must be in [0, 1), got {self.ema_decay}.")
+        _choice("training.timestep_sampler", self.timestep_sampler,
+                timestep_sampling.TIMESTEP_SAMPLERS)
 
     @classmethod
     def from_config(cls, section: Any) -> TrainingConfig:
@@ -255,6 +261,52 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """``config.eval`` (optional): FID and IS of EMA samples during training.
+
+    The files and the sampler options are checked by
+    ``ddpm_jax.metrics.in_training.validate_eval_config`` when ``every`` > 0.
+
+    Attributes:
+      every: train steps between evaluations; 0: off.
+      num_samples: images per evaluation (>= 2).
+      batch_size: images per sampling call and Inception batch.
+      sampler, num_steps: as in `SamplingConfig`.
+      seed: the samples' noise (the same at every evaluation).
+      inception: the FID Inception weights (.pth or its .npz).
+      ref_stats: reference statistics .npz (``python -m ddpm_jax.metrics stats``).
+      fid_method: "sqrtm" or "eigh".
+      is_splits: Inception Score splits.
+    """
+
+    every: int = 0
+    num_samples: int = 10_000
+    batch_size: int = 512
+    sampler: str = "ddim"
+    num_steps: int | None = 100
+    seed: int = 1
+    inception: str = ""
+    ref_stats: str = ""
+    fid_method: str = "eigh"
+    is_splits: int = 10
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"config.eval.every must be an int >= 0, got {self.every!r}.")
+        if not self.every:
+            return
+        _choice("eval.sampler", self.sampler, sampling.SAMPLERS)
+        for name in ("num_samples", "batch_size", "is_splits"):
+            _positive_int(f"eval.{name}", getattr(self, name))
+        if self.num_steps is not None:
+            _positive_int("eval.num_steps", self.num_steps)
+
+    @classmethod
+    def from_config(cls, section: Any) -> EvalConfig:
+        return cls(**_read_section(cls, section, "eval"))
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole training config, every section typed and checked.
 
@@ -272,6 +324,7 @@ class ExperimentConfig:
     optim: OptimConfig
     training: TrainingConfig
     sampling: SamplingConfig
+    eval: EvalConfig | None = None  # optional section: None when a config has none
 
     @classmethod
     def from_config(cls, config: Any) -> ExperimentConfig:
@@ -279,7 +332,7 @@ class ExperimentConfig:
         unknown = sorted(set(config.keys()) - set(allowed))
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; allowed: {allowed}.")
-        missing = sorted(set(allowed) - set(config.keys()))
+        missing = sorted(set(allowed) - set(config.keys()) - {"eval"})
         if missing:
             raise ValueError(f"the config lacks the section(s) {missing}; start from "
                              "configs/default.py.")
@@ -294,4 +347,5 @@ class ExperimentConfig:
         return cls(seed=config["seed"], parallelism=config["parallelism"], data=data,
                    model=model, diffusion=diff, optim=OptimConfig.from_config(config["optim"]),
                    training=TrainingConfig.from_config(config["training"]),
-                   sampling=SamplingConfig.from_config(config["sampling"]))
+                   sampling=SamplingConfig.from_config(config["sampling"]),
+                   eval=EvalConfig.from_config(config["eval"]) if "eval" in config else None)

@@ -1,6 +1,8 @@
 """Training: the train state, the per-device train step and the training loop.
 
-`train_step` is written for one device: it draws timesteps t ~ U{0..T-1} and
+`train_step` is written for one device: it draws timesteps t ~ U{0..T-1} (or, with
+``training.timestep_sampler="loss_aware"``, importance-sampled from a loss history kept in
+the train state: `ddpm_jax.timestep_sampling`) and
 noise from a key derived from the run's key with ``fold_in(step)`` and
 ``fold_in(device)`` (the device's global index on the "data" axis, so every
 device and every process draws different noise), computes the configured loss
@@ -23,7 +25,8 @@ differs in what training means (`checkpoint.config_changes`; the override is
 ``allow_config_change``), resumes from the newest good checkpoint in
 ``WORKDIR/checkpoints`` (the data stream resumes at the same batch), logs
 loss, gradient norm, learning rate, steps/s and images/s to stdout and
-TensorBoard (``WORKDIR/tensorboard``), saves checkpoints every
+TensorBoard (``WORKDIR/tensorboard``), with an ``eval`` section FID and Inception Score
+every ``eval.every`` steps (`ddpm_jax.metrics.in_training`), saves checkpoints every
 ``training.checkpoint_every`` steps, at the end and on SIGTERM, writes sample
 grids drawn with the EMA params to ``WORKDIR/samples``, and stops with
 `NonFiniteLossError` on a NaN or infinite loss (before saving anything from
@@ -36,6 +39,7 @@ returns normally, as training is complete.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -51,9 +55,19 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddpm_jax import builders, checkpoint, config_lib, diffusion, input_pipeline, parallel, sampling
+from ddpm_jax import (
+    builders,
+    checkpoint,
+    config_lib,
+    diffusion,
+    input_pipeline,
+    parallel,
+    sampling,
+    timestep_sampling,
+)
 from ddpm_jax import summary as summary_lib
 from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.metrics import in_training
 from ddpm_jax.unet import UNet
 
 PyTree = Any
@@ -71,12 +85,17 @@ class TrainState:
       params: the U-Net params.
       ema_params: exponential moving average of params (used for sampling).
       opt_state: the Adam state.
+      loss_history: the loss-aware timestep sampler's history
+        (``training.timestep_sampler="loss_aware"``), else None; a None field adds nothing
+        to the pytree, so a uniform-sampler state (and checkpoint) is what it was before
+        the field existed.
     """
 
     step: jax.Array
     params: PyTree
     ema_params: PyTree
     opt_state: optax.OptState
+    loss_history: timestep_sampling.LossHistory | None = None
 
 
 # --------------------------------------------------------------------------- config
@@ -86,9 +105,43 @@ def validate_config(config: Any) -> config_lib.ExperimentConfig:
     """Checks a training config before anything compiles; returns its typed sections.
 
     ``config_lib.ExperimentConfig.from_config``: unknown or missing sections and
-    fields, and bad values, raise ValueError naming the field.
+    fields, and bad values, raise ValueError naming the field. With evaluation
+    during training on, also the Inception weights, the reference statistics and
+    the sampler options (`in_training.validate_eval_config`).
     """
-    return config_lib.ExperimentConfig.from_config(config)
+    typed = config_lib.ExperimentConfig.from_config(config)
+    if typed.eval is not None and typed.eval.every:
+        in_training.validate_eval_config(config, local_devices=jax.local_device_count())
+    return typed
+
+
+def loss_aware(config: Any) -> bool:
+    """Whether the config draws timesteps with the loss-aware sampler."""
+    return config_lib.TrainingConfig.from_config(config.training).timestep_sampler == "loss_aware"
+
+
+def check_resume_sampler(config: Any, workdir: str) -> None:
+    """Raises ValueError if the newest checkpoint in workdir was trained with the other
+    timestep sampler: the loss-aware state has a loss history that a uniform one lacks, so
+    neither restores into the other. Reads the checkpoint's saved config (JSON) only."""
+    ckpt_dir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_SUBDIR)
+    steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(
+        ckpt_dir) else []
+    if not steps:
+        return
+    try:
+        with open(os.path.join(ckpt_dir, str(steps[-1]), "meta", "metadata")) as f:
+            saved = json.load(f)["config"]["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: the restore reports it
+    was = saved.get("timestep_sampler", "uniform")
+    now = config_lib.TrainingConfig.from_config(config.training).timestep_sampler
+    if was != now:
+        raise ValueError(
+            f"the checkpoints in {ckpt_dir} (newest: step {steps[-1]}) were trained with "
+            f"training.timestep_sampler={was!r}, this config asks for {now!r}; the two train "
+            f"states differ (the loss-aware one keeps a loss history). Resume with "
+            f"--config.training.timestep_sampler={was}, or use a new workdir.")
 
 
 def learning_rate_fn(config: Any) -> optax.Schedule:
@@ -126,8 +179,10 @@ def init_train_state(config: Any, key: jax.Array) -> TrainState:
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     params = model.init(key, x, t)["params"]
+    history = (timestep_sampling.init_history(config.diffusion.num_timesteps)
+               if loss_aware(config) else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=make_optimizer(config).init(params))
+                      opt_state=make_optimizer(config).init(params), loss_history=history)
 
 
 def create_train_state(config: Any, key: jax.Array) -> TrainState:
@@ -144,6 +199,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                model: UNet, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimization step on one device (call inside shard_map / pmap over "data").
 
+    Timesteps are uniform, or (``training.timestep_sampler="loss_aware"``) drawn from
+    ``state.loss_history`` with the per-example losses weighted by 1 / (T p_t)
+    (`ddpm_jax.timestep_sampling`); the history is then updated with the unweighted losses
+    of the whole global batch, gathered over "data" in device order, so every device keeps
+    the same history.
+
     Args:
       state: the replicated train state.
       batch: this device's examples: "image" uint8 [b, H, W, C], "label" int32 [b].
@@ -152,16 +213,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
       config: the training config.
 
     Returns:
-      (new state, metrics): metrics "loss", "grad_norm", "lr", averaged over devices.
+      (new state, metrics): metrics "loss" (the weighted loss for the loss-aware sampler),
+      "grad_norm", "lr", averaged over devices.
     """
-    d, o = config.diffusion, config.optim
+    d = config.diffusion
     sched = builders.schedule(config)
     device = jax.lax.axis_index(parallel.AXIS)
     key = jax.random.fold_in(jax.random.fold_in(key, state.step), device)
     t_key, noise_key, dropout_key = jax.random.split(key, 3)
     x = builders.from_uint8(batch["image"])
     b = x.shape[0]
-    t = jax.random.randint(t_key, (b,), 0, sched.num_timesteps, dtype=jnp.int32)
+    t, weights = _draw_timesteps(state, config, t_key, b, sched.num_timesteps)
     noise = jax.random.normal(noise_key, x.shape, jnp.float32)
     y = batch["label"] if model.config.num_classes is not None else None
 
@@ -172,28 +234,60 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
 
         losses = diffusion.training_losses(sched, model_fn, x, t, noise, mean_type=d.mean_type,
                                            var_type=d.var_type, loss_type=d.loss_type)
-        return jnp.mean(losses)
+        return jnp.mean(losses if weights is None else losses * weights), losses
 
     # Differentiate with respect to a per-device ("varying") copy of the params: the gradient
     # of the invariant params themselves would already be summed over devices by shard_map.
     local_params = jax.lax.pcast(state.params, parallel.AXIS, to="varying")
-    loss, grads = jax.value_and_grad(loss_fn)(local_params)
-    if o.grad_clip and o.clip_per_replica:
-        grad_norm = jax.lax.pmean(optax.tree.norm(grads), parallel.AXIS)
-        clip = optax.clip_by_global_norm(float(o.grad_clip))
-        grads = jax.lax.pmean(clip.update(grads, clip.init(grads))[0], parallel.AXIS)
-    else:  # the optimizer chain clips the averaged gradient (make_optimizer)
-        grads = jax.lax.pmean(grads, parallel.AXIS)
-        grad_norm = optax.tree.norm(grads)
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
+    grads, grad_norm = _average_and_clip(grads, config.optim)
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # ema <- decay * ema + (1 - decay) * params
     ema = optax.incremental_update(params, state.ema_params, 1.0 - config.training.ema_decay)
+    history = state.loss_history
+    if weights is not None:
+        history = timestep_sampling.update_history(
+            history, _gather(t), _gather(jax.lax.stop_gradient(losses)))
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema,
-                           opt_state=opt_state)
+                           opt_state=opt_state, loss_history=history)
     metrics = {"loss": jax.lax.pmean(loss, parallel.AXIS), "grad_norm": grad_norm,
                "lr": learning_rate_fn(config)(state.step)}
     return new_state, metrics
+
+
+def _draw_timesteps(state: TrainState, config: Any, key: jax.Array, b: int, num_timesteps: int
+                    ) -> tuple[jax.Array, jax.Array | None]:
+    """(t int32 [b], importance weights float32 [b] or None for the uniform sampler)."""
+    if not loss_aware(config):
+        return jax.random.randint(key, (b,), 0, num_timesteps, dtype=jnp.int32), None
+    if state.loss_history is None:
+        raise ValueError("training.timestep_sampler='loss_aware' needs a train state with a "
+                         "loss history; make the state with init_train_state(config, key).")
+    return timestep_sampling.sample_timesteps(state.loss_history, key, b)
+
+
+def _average_and_clip(grads: PyTree, o: Any) -> tuple[PyTree, jax.Array]:
+    """The gradient averaged over devices (clipped per replica first if so configured) and
+    its global norm; without per-replica clipping the optimizer chain clips the average."""
+    if o.grad_clip and o.clip_per_replica:
+        grad_norm = jax.lax.pmean(optax.tree.norm(grads), parallel.AXIS)
+        clip = optax.clip_by_global_norm(float(o.grad_clip))
+        return jax.lax.pmean(clip.update(grads, clip.init(grads))[0], parallel.AXIS), grad_norm
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    return grads, optax.tree.norm(grads)
+
+
+def _gather(x: jax.Array) -> jax.Array:
+    """[b] per device -> [n_devices * b], device 0's rows first, the same on every device.
+
+    A psum of one-hot rows rather than ``lax.all_gather``: its result is invariant over
+    "data" (as the replicated state must be), under shard_map and pmap alike, and exact
+    (every sum adds zeros to one value).
+    """
+    n = jax.lax.axis_size(parallel.AXIS)
+    rows = jnp.zeros((n, *x.shape), x.dtype).at[jax.lax.axis_index(parallel.AXIS)].set(x)
+    return jax.lax.psum(rows, parallel.AXIS).reshape(n * x.shape[0], *x.shape[1:])
 
 
 def multi_step(state: TrainState, batches: dict[str, jax.Array], key_data: jax.Array, *,
@@ -315,6 +409,9 @@ def train_and_evaluate(config: Any, workdir: str, *,
       SystemExit: 143 after SIGTERM, once the checkpoint is written.
     """
     validate_config(config)
+    # Loads the Inception weights and reference statistics now, not at the first evaluation.
+    evaluator = in_training.InTrainingEval(config) if in_training.enabled(config) else None
+    check_resume_sampler(config, workdir)
     dp = parallel.DataParallel(config.parallelism)
     dp.local_batch_size(config.training.batch_size)  # ValueError unless it divides
     workdir = os.path.abspath(workdir)
@@ -324,7 +421,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
                                             max_to_keep=config.training.keep_checkpoints)
         try:
             _check_resume_config(ckpt, config, allow_config_change)
-            final = _train(config, workdir, ckpt, dp)
+            final = _train(config, workdir, ckpt, dp, evaluator)
         except BaseException:
             try:
                 ckpt.close()
@@ -357,7 +454,8 @@ def _check_resume_config(ckpt: checkpoint.TrainCheckpointer, config: Any,
 
 
 def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
-           dp: parallel.DataParallel) -> TrainState:
+           dp: parallel.DataParallel, evaluator: in_training.InTrainingEval | None = None
+           ) -> TrainState:
     """The body of `train_and_evaluate`, in a locked workdir (the caller closes ckpt).
 
     Longer than 60 lines: it is the training loop, read top to bottom.
@@ -441,6 +539,10 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
                 _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
                         writer)
                 sampled_at = step
+            if evaluator is not None and evaluator.due(before, step):
+                scalars = evaluator(dp.first(state.ema_params))
+                if lead:
+                    _log(scalars, step, writer, bar)
         final = dp.to_global(state)
         if preempted_at is None:  # training is complete
             ckpt.save(step, final, meta(step))

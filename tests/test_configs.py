@@ -169,7 +169,7 @@ def test_typed_sections_are_the_one_list_of_fields():
     typed = config_lib.ExperimentConfig.from_config(c)
     for name, cls in (("diffusion", config_lib.DiffusionConfig), ("optim", config_lib.OptimConfig),
                       ("training", config_lib.TrainingConfig),
-                      ("sampling", config_lib.SamplingConfig)):
+                      ("sampling", config_lib.SamplingConfig), ("eval", config_lib.EvalConfig)):
         assert sorted(f.name for f in dataclasses.fields(cls)) == sorted(c[name].keys()), name
         section = getattr(typed, name)
         assert {k: getattr(section, k) for k in c[name].keys()} == c[name].to_dict()
