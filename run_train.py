@@ -34,6 +34,9 @@ flags.DEFINE_bool("multihost", False,
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_bool("verbose", False,
+                  "Show INFO logging (orbax, absl, jax, this library) on the terminal too; by "
+                  "default it goes to WORKDIR/train.log only.")
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir even when the config differs from the one its checkpoints "
                   "were written with in fields that change what training means.")
@@ -43,8 +46,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import parallel, train
+    import time
+
+    from ddpm_jax import commands, parallel, train
     from ddpm_jax import workdir as workdir_lib
+
+    start = time.perf_counter()
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.multihost)
@@ -53,11 +60,18 @@ def main(argv):
         config_file = FLAGS["config"].config_filename
         name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
         workdir = os.path.join("runs", name)
+    import jax
+
+    i = jax.process_index()
+    log_name = "train.log" if i == 0 else f"train.process{i}.log"
+    log_file = commands.setup_logging(os.path.join(workdir, log_name), verbose=FLAGS.verbose)
     code = 1
     try:
-        train.train_and_evaluate(FLAGS.config, workdir,
-                                 allow_config_change=FLAGS.allow_config_change)
+        state = train.train_and_evaluate(FLAGS.config, workdir,
+                                         allow_config_change=FLAGS.allow_config_change)
         code = 0
+        commands.finish("run_train.py", _what_was_done(workdir, state), start=start,
+                        log_file=commands.relpath(log_file))
     except workdir_lib.WorkdirBusyError as e:
         raise SystemExit(f"run_train.py: {e}") from None
     except SystemExit as e:
@@ -66,6 +80,19 @@ def main(argv):
     finally:
         # Python waits at exit for background threads; none may keep the process alive.
         workdir_lib.exit_watchdog(code, grace_s=60.0)
+
+
+def _what_was_done(workdir: str, state) -> str:
+    import numpy as np
+
+    from ddpm_jax import commands
+
+    step = int(np.asarray(state.step).reshape(-1)[0])
+    line = f"trained to step {step}; checkpoints in {commands.relpath(workdir)}/checkpoints"
+    png = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    if os.path.exists(png):
+        line += f", samples {commands.relpath(png)}"
+    return line
 
 
 if __name__ == "__main__":

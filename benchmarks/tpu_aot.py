@@ -21,6 +21,8 @@ compiler on this host. Nothing is executed. Per compile, one JSON line goes to -
 Setup (no TPU needed; the libtpu version jax[tpu]==0.10.2 pins; 0.0.52 also works)::
 
   pip install "libtpu==0.0.42.1"                 # or: pip install -e ".[tpu-aot]"
+  # or, as the test command does, outside the environment: PYTHONPATH=.tpu-aot after
+  #   pip install --no-deps --target .tpu-aot "libtpu==0.0.42.1"
   python -m benchmarks.tpu_aot --config configs/digits.py --topology v5e:2x2
   python -m benchmarks.tpu_aot --config configs/default.py --topology v5e:2x4 \
       --what train,sample --out benchmarks/results/tpu_aot.jsonl

@@ -24,11 +24,11 @@ Command line (writes an inference checkpoint, see ``ddpm_jax.checkpoint``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -456,9 +456,10 @@ def unet_params_from_official(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m ddpm_jax.convert", description="Convert released DDPM U-Net weights."
-    )
+    from ddpm_jax import commands
+
+    parser = commands.parser("python -m ddpm_jax.convert",
+                             "Convert released DDPM U-Net weights.")
     parser.add_argument("--from", dest="source", choices=("diffusers", "official"), required=True)
     parser.add_argument("src", help="diffusers model dir/file, or TF checkpoint prefix")
     parser.add_argument(
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         "--no-ema", action="store_true", help="official: read the raw, not the EMA, weights"
     )
     args = parser.parse_args(argv)
+    start = time.perf_counter()
+    commands.setup_logging(None, verbose=args.verbose)
 
     from ddpm_jax import checkpoint
 
@@ -499,7 +502,9 @@ def main(argv: list[str] | None = None) -> None:
             step = int(reader.get_tensor("global_step"))
     meta = checkpoint.meta_from_config(config, step=step)
     checkpoint.save_params(args.out, params, meta=meta)
-    print(f"wrote {args.out}")
+    commands.finish("convert", f"{args.source} weights ({unet_config.ch} ch, "
+                    f"{image_size}x{image_size}, step {step}) to {commands.relpath(args.out)}",
+                    start=start)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def _is_npz_name(path: str) -> bool:
+    return path.lower().endswith(".npz")
+
+
 def _npz_error(path: str, what: str, err: BaseException) -> ValueError:
     reason = str(err).split("\n")[0] or type(err).__name__
     return ValueError(f"{path} is not a readable .npz of {what} ({type(err).__name__}: "
@@ -84,6 +88,9 @@ def open_npz(path: str | os.PathLike, what: str) -> Iterator[np.lib.npyio.NpzFil
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (expected an .npz of {what}).")
+    if not zipfile.is_zipfile(path) and _is_npz_name(path):
+        raise ValueError(f"{path} is not a readable .npz of {what} (not a zip archive: empty, "
+                         f"truncated or another format); give an .npz written by numpy.savez.")
     try:
         data = np.load(path)
     except _NPZ_ERRORS as e:

@@ -67,7 +67,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm_jax import builders, fileio, sampling
+from ddpm_jax import builders, commands, fileio, sampling
 from ddpm_jax.unet import UNet
 
 
@@ -358,8 +358,8 @@ def sample_shards(params, meta, args, manifest, *, stop=None) -> dict[str, np.nd
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ddpm_jax.generate", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.parser("python -m ddpm_jax.generate", __doc__.split("\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="training workdir (latest EMA params) or converted params dir")
     p.add_argument("--num_samples", type=int, required=True)
@@ -413,29 +413,37 @@ def _check_out_dir_everywhere(args, manifest) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point (exits 143 after saving progress on SIGTERM)."""
     args = _parse(argv)
+    start = time.perf_counter()
+    commands.setup_logging(None, verbose=args.verbose)
     from ddpm_jax import parallel
     from ddpm_jax.checkpoint import load_params  # the training stack, only for the CLI
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id, auto=args.multihost)
+    i = jax.process_index()
+    log_file = commands.setup_logging(
+        os.path.join(args.out, "generate.log" if i == 0 else f"generate.process{i}.log"),
+        verbose=args.verbose)
     params, meta = load_params(args.checkpoint)
     manifest = run_manifest(args, meta)
     samples = os.path.join(args.out, "samples.npz")
     if _check_out_dir_everywhere(args, manifest):
-        print(f"{samples} already holds these samples; nothing to do.", file=sys.stderr)
+        commands.finish("generate", f"{commands.relpath(samples)} already holds these samples; "
+                        "nothing to do")
         return
-    start = time.perf_counter()
     with fileio.StopOnSigterm() as stop:
         result = sample_shards(params, meta, args, manifest, stop=stop)
-        elapsed = time.perf_counter() - start
         if result is not None:
             write_outputs(result, args.out, grid_size=args.grid_size)
             fileio.write_text(os.path.join(args.out, DONE), json.dumps(
                 {**manifest, "shape": list(result["images"].shape)}, indent=2) + "\n")
             shutil.rmtree(os.path.join(args.out, SHARD_DIR), ignore_errors=True)
-            print(f"wrote {len(result['images'])} images {result['images'].shape[1:]} to "
-                  f"{samples} in {elapsed:.1f} s (checkpoint step {meta.get('step')}, "
-                  f"{jax.process_count()} processes)", file=sys.stderr)
+            if jax.process_index() == 0:
+                commands.finish(
+                    "generate", f"{len(result['images'])} images {result['images'].shape[1:]} "
+                    f"from checkpoint step {meta.get('step')} ({jax.process_count()} processes) "
+                    f"to {commands.relpath(samples)} and samples.png", start=start,
+                    log_file=commands.relpath(log_file))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

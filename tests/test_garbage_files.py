@@ -151,8 +151,8 @@ def test_metrics_commands_check_their_npz_inputs_first(garbage, tmp_path):
         cli.main(["fid", "--inception", missing_inception, "--samples", bad, "--ref", ref])
     images = str(tmp_path / "images.npz")
     np.savez(images, images=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="ref_garbage.npz is not a readable .npz of Inception "
-                                         "statistics"):
+    with pytest.raises(ValueError, match="ref_garbage.npz is not a readable .npz of a "
+                                         "statistics file with arrays mu"):
         cli.main(["fid", "--inception", missing_inception, "--samples", images,
                   "--ref", garbage("ref_garbage.npz")])
     with pytest.raises(ValueError, match="samples.npz is not a readable .npz of uint8 images"):
@@ -179,11 +179,12 @@ def test_fid_rebuilds_a_garbage_reference_cache(garbage, tmp_path, monkeypatch, 
     np.savez(ref, images=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8))
     samples = tmp_path / "samples.npz"
     np.savez(samples, images=rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8))
-    cache = garbage("ref_inception_stats.npz")
+    cache = garbage("ref_inception_stats_tf1.npz")
     args = ["fid", "--inception", "unused.pth", "--samples", str(samples), "--ref", str(ref),
             "--splits", "1", "--fid_method", "eigh"]
     first = cli.main(args)
-    assert "ref_inception_stats.npz is not a readable .npz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ref_inception_stats_tf1.npz is not a readable .npz" in err and "again" in err
     mu, sigma = fid.load_statistics(cache)  # rebuilt
     with np.load(ref) as f:
         feats = f["images"].reshape(6, -1)[:, :4].astype(np.float64)

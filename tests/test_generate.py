@@ -201,7 +201,7 @@ def test_sigterm_saves_a_shard_and_a_rerun_resumes_to_the_same_images(
         np.testing.assert_array_equal(f["images"], expected)
     generate.main(_cli(saved_checkpoint, out))  # complete: nothing to do
     assert sampled == [8]
-    assert "nothing to do" in capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_other_arguments_refuse_to_mix(tmp_path, saved_checkpoint):

@@ -200,6 +200,8 @@ def _add_inception_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ddpm_jax import commands
+
     parser = argparse.ArgumentParser(prog="python -m ddpm_jax.metrics",
                                      description="FID / IS / bits-per-dim evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="statistics .npz to write")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
     _add_inception_args(p)
+    commands.add_verbose_flag(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("fid", help="FID and IS of samples against reference statistics")
@@ -234,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON result file")
     p.add_argument("--batch_size", type=int, default=200, help="global Inception batch")
     _add_inception_args(p)
+    commands.add_verbose_flag(p)
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("bpd", help="bits/dim (NLL bound) of a checkpoint on a data set")
@@ -252,13 +256,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per saved shard of progress (with --out)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard saved shards of other arguments")
+    commands.add_verbose_flag(p)
     p.set_defaults(func=cmd_bpd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    from ddpm_jax import commands
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    start = time.perf_counter()
+    commands.setup_logging(None, verbose=args.verbose)
+    result = args.func(args)
+    commands.finish(f"metrics {args.command}", _what_was_done(args, result), start=start)
+    return result
+
+
+def _what_was_done(args, result: dict) -> str:
+    from ddpm_jax import commands
+
+    if args.command == "stats":
+        line = (f"Inception statistics of {result['num_images']} images to "
+                f"{commands.relpath(args.out)}")
+    elif args.command == "fid":
+        line = (f"FID {result['fid']:.4g}, IS {result['inception_score']:.4g} of "
+                f"{result['num_samples']} samples")
+    else:
+        line = f"{result['bpd']:.4f} bits/dim"
+    out = getattr(args, "out", None)
+    json_path = os.path.splitext(out)[0] + ".json" if args.command == "stats" else out
+    return line + (f"; result {commands.relpath(json_path)}" if json_path else "")
 
 
 if __name__ == "__main__":

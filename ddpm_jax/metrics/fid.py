@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from scipy import linalg, special
 
+from ddpm_jax import fileio
+
 STATS_KEYS = ("mu", "sigma")
 
 
@@ -201,36 +203,13 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
 
 
 def open_npz(path: str | os.PathLike, expected: str):
-    """``np.load`` of an ``.npz`` (no pickles); one ValueError naming the file and ``expected``.
-
-    Args:
-      path: the file.
-      expected: what it should hold, in words, for the message.
-
-    Returns:
-      The open ``numpy.lib.npyio.NpzFile`` (use it in a ``with`` block).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file; expected {expected}.")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz file (not a zip archive; empty, truncated or "
-                         f"another format); expected {expected}.")
-    try:
-        return np.load(path)
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e}); expected "
-                         f"{expected}.") from e
+    """`ddpm_jax.fileio.open_npz`: the open ``.npz`` (in a ``with`` block), or one ValueError."""
+    return fileio.open_npz(path, expected)
 
 
 def read_npz(path: str | os.PathLike, expected: str) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz``, read through ``open_npz`` (same errors, also per array)."""
-    with open_npz(path, expected) as f:
-        try:
-            return {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{os.fspath(path)}: unreadable .npz ({type(e).__name__}: {e}); "
-                             f"expected {expected}.") from e
+    """`ddpm_jax.fileio.load_npz`: all arrays of an ``.npz``, or one ValueError naming it."""
+    return fileio.load_npz(path, expected)
 
 
 _STATS_EXPECTED = ("a statistics file with arrays mu [D] and sigma [D, D], from `python -m "
@@ -296,8 +275,7 @@ def load_images_npz(path: str | os.PathLike, key: str | None = None) -> np.ndarr
     """
     path = os.fspath(path)
     expected = "uint8 images [N, H, W, C], e.g. the samples.npz that ddpm_jax.generate writes"
-    f = open_npz(path, expected)
-    with f:
+    with open_npz(path, expected) as f:
         if key is None:
             if len(f.files) == 1:
                 key = f.files[0]
