@@ -7,17 +7,12 @@ Command (from the repository root; writes ./runs/digits):
 Data: scikit-learn's 8x8 digits (1,500 training images, shipped with
 scikit-learn, no download), one channel scaled to 0..255, no flips.
 
-Hardware and time: 2 CPU cores. Measured on an idle 2-core machine: 7 min 17 s
-wall in all (start-up, compilation and the final 64 samples with 1000 DDPM
-steps included), the train step logging 6.3 to 6.6 steps/s at batch 128
-(the "run_train" record in benchmarks/results/cpu.jsonl). For a shorter run,
-e.g. --config.training.num_train_steps=1800.
+Hardware and time: 2 CPU cores; the measured run time is in the README
+("The embedded default"), the one place it is stated, with its results file.
+For a shorter run, e.g. --config.training.num_train_steps=1800.
 
-Expected result: samples/step_*.png shows recognizable digits. Measured with
-``python -m ddpm_jax.digits_quality runs/digits`` (1,000 DDPM samples, 1000
-steps, classified by an MLP trained on the real digits): 94.3% of the samples
-get a class with probability >= 0.8 (real held-out digits: 98.2%), and the
-classes get 8.2%-11.4% of the samples each.
+Expected result: samples/step_*.png shows recognizable digits; the measured
+quality (``python -m ddpm_jax.digits_quality``) is in the same README section.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """FID and Inception Score while a run trains: the optional ``eval`` config section.
 
 Every ``eval.every`` train steps the training loop (`ddpm_jax.train`) draws
-``eval.num_samples`` images with the EMA params (`ddpm_jax.generate.generate`, sharded
+``eval.num_samples`` images with the EMA params (`ddpm_jax.generation.generate`, sharded
 over this process's devices, sampler ``eval.sampler`` with ``eval.num_steps`` steps, the
 same seed ``eval.seed`` at every evaluation, so that the numbers move with the model and
 not with the noise), computes their Inception features (`inception.InceptionExtractor`
@@ -167,10 +167,10 @@ class InTrainingEval:
 
     def sample(self, ema_params: Any) -> np.ndarray:
         """The evaluation's uint8 images [num_samples, H, W, C] from the EMA params."""
-        from ddpm_jax import generate
+        from ddpm_jax import generation
 
         e = self.settings
-        return generate.generate(ema_params, self.meta, num_samples=e.num_samples,
+        return generation.generate(ema_params, self.meta, num_samples=e.num_samples,
                                  batch_size=e.batch_size, seed=e.seed, sampler=e.sampler,
                                  num_steps=e.num_steps, progress=False)["images"]
 
