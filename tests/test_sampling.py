@@ -412,7 +412,9 @@ def test_interpolation(sampler_kw):
         ({"sampler": "ddim", "eta": 1.5}, "eta"),
         ({"sampler": "ddim", "num_steps": 0}, "num_steps"),
         ({"sampler": "ddim", "num_steps": 7, "ddim_spacing": "quad"}, "ddim_spacing"),
-        ({"num_steps": 5}, "num_steps"),
+        ({"num_steps": 1}, "num_steps"),  # respaced ddpm needs at least 2 steps
+        ({"num_steps": SMALL_T + 1}, "num_steps"),
+        ({"sampler": "dpm++2m", "spacing": "cosine"}, "spacing"),
         ({"trajectory_every": 0}, "trajectory_every"),
         ({"guidance_scale": 1.0}, "labels"),
         ({"guidance_scale": 1.0, "labels": jnp.zeros(16, jnp.int32)}, "null_label"),
