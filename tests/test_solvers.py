@@ -377,3 +377,57 @@ def test_dpm_solver_step_orders():
     np.testing.assert_allclose(np.asarray(x2), ref, rtol=1e-4, atol=1e-4)
     x_last, x0_last, _ = sampling.dpm_solver_2m_step(s, x2, tnn, jnp.int32(-1), out, state, **kw)
     np.testing.assert_array_equal(np.asarray(x_last), np.asarray(x0_last))
+
+
+# ----------------------------------------------------------------------------- the digits judge
+def _tiny_digits_params(directory):
+    """A random-weight 8x8x1 U-Net with T = 10, saved as a save_params directory."""
+    from ddpm_jax import builders, checkpoint
+    from ddpm_jax.unet import UNetConfig
+
+    cfg = UNetConfig(ch=32, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                     dropout=0.0)
+    meta = {"model": cfg.to_dict(),
+            "diffusion": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.2,
+                          "num_timesteps": 10, "mean_type": "eps", "var_type": "fixedlarge"},
+            "data": {"image_size": 8, "channels": 1}, "step": 3}
+    model = builders.unet_from_meta(meta)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                            jnp.zeros((1,), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, np.float32), shapes)
+    checkpoint.save_params(str(directory), params, meta=meta)
+    return str(directory)
+
+
+def test_digits_quality_sampler_options_and_table(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from ddpm_jax import digits_quality
+
+    path = _tiny_digits_params(tmp_path / "params")
+
+    class UniformJudge:  # the real judge is tested in test_configs.py; fitting it takes seconds
+        def predict_proba(self, images):
+            return np.full((len(images), 10), 0.1)
+
+    monkeypatch.setattr(digits_quality, "_judge", lambda: (UniformJudge(), 0.99, 0.98))
+    out = tmp_path / "table.jsonl"
+    monkeypatch.setattr(sys, "argv", ["digits_quality", path, "--table", "--table_steps", "3",
+                                      "--num_samples", "3", "--out", str(out)])
+    digits_quality.main()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["sampler"], r["num_steps"]) for r in rows] == [
+        (s, 3) for s in ("ddpm", "ddim", "dpm++2m")]
+    assert [r["spacing"] for r in rows] == ["linspace", "linspace", "logsnr"]
+    for r in rows:
+        assert r["num_samples"] == 3 and r["batch_size"] == 3 and r["seconds_per_batch"] > 0
+        assert r["confident"] == 0.0 and r["class_shares"] == [1.0] + [0.0] * 9
+        assert r["command"].endswith(f"--out {out}") and r["checkpoint_step"] == 3
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    monkeypatch.setattr(sys, "argv", ["digits_quality", path, "--sampler", "ddpm",
+                                      "--num_steps", "4", "--num_samples", "2"])
+    digits_quality.main()
+    single = json.loads(capsys.readouterr().out)
+    assert (single["sampler"], single["num_steps"], single["num_samples"]) == ("ddpm", 4, 2)
