@@ -10,8 +10,9 @@ Structure, from the inside out:
   noise) to (next x, pred_x0); `dpm_solver_2m_step` maps (x_t, t, t_next,
   model output, solver state) to (next x, pred_x0, next state). They hold all
   of each sampler's math and know nothing of the model, the keys or the loop.
-  Respaced DDPM is `ddpm_step` applied to `respaced_schedule`.
-- The chain. `_scan_chain` is the one `lax.scan` both samplers run in: per
+  Respaced DDPM is `ddpm_step` on a `respaced_schedule`, fed the x_0 that
+  the model's output gives at the original timestep.
+- The chain. `_scan_chain` is the one `lax.scan` every sampler runs in: per
   visited timestep it calls the model, draws the step's noise and applies a
   step function (a `StepFn`), and it records the trajectory (x_t and pred_x0
   every k steps) when asked. Its carry is (x, solver state, trajectory
@@ -50,7 +51,8 @@ process) adds no noise and returns the same.
 Respacing. Ancestral sampling with num_steps < T runs the process restricted
 to the visited timesteps k_0 < ... < k_{n-1}: betas 1 - ab[k_i] / ab[k_{i-1}],
 with the posterior and the variances of that process ("learned_range"
-interpolates between its two fixed log-variances), the model still called at
+interpolates between its two fixed log-variances; a "learned" log-variance is
+used as the model gives it), the model still called at
 the original timesteps, as Nichol & Dhariwal (2021) do. num_steps = T is
 exactly the full process.
 
@@ -527,6 +529,9 @@ def dpm_solver_2m_step(
     Returns:
       (x_next, pred_x0, new state); x_next has x's dtype.
     """
+    if jnp.ndim(t) or jnp.ndim(t_next):
+        raise ValueError(f"t and t_next must be scalars (one timestep for the batch), got "
+                         f"shapes {jnp.shape(t)} and {jnp.shape(t_next)}.")
     out = diffusion.p_mean_variance(s, model_output, x, _batch_t(t, x), mean_type=mean_type,
                                     var_type=var_type, clip_denoised=clip_denoised)
     x0 = out["pred_xstart"]

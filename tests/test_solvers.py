@@ -431,3 +431,11 @@ def test_digits_quality_sampler_options_and_table(tmp_path, monkeypatch, capsys)
     digits_quality.main()
     single = json.loads(capsys.readouterr().out)
     assert (single["sampler"], single["num_steps"], single["num_samples"]) == ("ddpm", 4, 2)
+
+
+def test_dpm_solver_step_needs_scalar_timesteps():
+    x = jnp.zeros((2, 1, 1, 1))
+    with pytest.raises(ValueError, match="scalars"):
+        sampling.dpm_solver_2m_step(schedule(), x, jnp.array([5, 6]), jnp.array([2, 3]), x,
+                                    sampling.dpm_solver_state(x), mean_type="eps",
+                                    var_type="fixedlarge")
