@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral DDPM and DDIM as one `lax.scan`.
+"""Reverse-process samplers: ancestral DDPM (full or respaced), DDIM and
+DPM-Solver++(2M), each as one `lax.scan`.
 
 Everything here is a pure function of its arguments and an explicit key, and is
 `jax.jit`-able with the shape and the string/int options static.
@@ -6,15 +7,18 @@ Everything here is a pure function of its arguments and an explicit key, and is
 Structure, from the inside out:
 
 - One step. `ddpm_step` and `ddim_step` map (x_t, t, t_next, model output,
-  noise) to (next x, pred_x0). They hold all of each sampler's math and know
-  nothing of the model, the keys or the loop.
-- The chain. `_scan_chain` is the one `lax.scan` both samplers run in: per
+  noise) to (next x, pred_x0); `dpm_solver_2m_step` maps (x_t, t, t_next,
+  model output, solver state) to (next x, pred_x0, next state). They hold all
+  of each sampler's math and know nothing of the model, the keys or the loop.
+  Respaced DDPM is `ddpm_step` on a `respaced_schedule`, fed the x_0 that
+  the model's output gives at the original timestep.
+- The chain. `_scan_chain` is the one `lax.scan` every sampler runs in: per
   visited timestep it calls the model, draws the step's noise and applies a
   step function (a `StepFn`), and it records the trajectory (x_t and pred_x0
   every k steps) when asked. Its carry is (x, solver state, trajectory
   buffers); the solver state is a pytree the step function threads through
-  (empty for DDPM and DDIM), so a multistep solver that needs earlier model
-  outputs fits without changing the driver.
+  (empty for DDPM and DDIM, a `DPMSolverState` for DPM-Solver++(2M), which
+  needs the previous step's x_0 prediction).
 - The entry points. `sample_with(s, model_fn, key, shape, options)` takes the
   options as a frozen `SampleOptions`, whose fields are checked when it is
   built; `sample(s, model_fn, key, shape, **options)` is the same with the
@@ -30,13 +34,27 @@ the first k rows of a batch of n equal a batch of k, and a batch sharded over
 devices (``sharding=``) or cut into calls (``index_offset=``) gives the same
 images as one batch on one device.
 
-DDIM timesteps. ``ddim_timesteps`` gives the strided subset. The default
+Timesteps. With num_steps < T every sampler visits a subset of the timesteps,
+given by ``spaced_timesteps`` (``ddim_timesteps`` without a schedule). The
 spacing "linspace" takes ``round(linspace(T - 1, 0, num_steps))``, so the chain
 always starts at t = T - 1 (pure noise, like DDPM) and always ends at t = 0;
 num_steps = T gives every step. "uniform" is the striding of Song et al.'s
 DDIM code, ``range(0, T, T // num_steps)`` (it starts at T - T // num_steps).
-After the last timestep the chain steps to "t = -1" where alpha_bar = 1, so
-the output is the model's prediction of x_0 at t = 0.
+"quadratic" is ``round((T - 1) (i / (num_steps - 1))^2)`` and "logsnr" spaces
+log(ab / (1 - ab)) evenly from T - 1 to 0; both keep num_steps distinct
+timesteps. Defaults: "linspace" for "ddpm" and "ddim" (``ddim_spacing``),
+"logsnr" for "dpm++2m". DDIM and DPM-Solver++ step from the last timestep to
+"t = -1" where alpha_bar = 1, so their output is the model's prediction of x_0
+at t = 0; ancestral DDPM's last step (t = 0, or index 0 of the respaced
+process) adds no noise and returns the same.
+
+Respacing. Ancestral sampling with num_steps < T runs the process restricted
+to the visited timesteps k_0 < ... < k_{n-1}: betas 1 - ab[k_i] / ab[k_{i-1}],
+with the posterior and the variances of that process ("learned_range"
+interpolates between its two fixed log-variances; a "learned" log-variance is
+used as the model gives it), the model still called at
+the original timesteps, as Nichol & Dhariwal (2021) do. num_steps = T is
+exactly the full process.
 
 Classifier-free guidance. With ``labels`` and ``guidance_scale`` w the model
 is called once on the doubled batch [x; x] with labels [y; null] and the two
@@ -52,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,23 +78,62 @@ import numpy as np
 
 from ddpm_jax import diffusion
 
-SAMPLERS = ("ddpm", "ddim")
-DDIM_SPACINGS = ("linspace", "uniform")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SPACINGS = ("linspace", "uniform", "quadratic", "logsnr")
+# Every spacing serves every sampler; the older name stays for callers that use it.
+DDIM_SPACINGS = SPACINGS
 
 ModelFn = Callable[..., jax.Array]
 
 
+def _distinct_increasing(ts: np.ndarray, top: int) -> np.ndarray:
+    """Makes sorted int timesteps in [0, top] strictly increasing, keeping their count.
+
+    Where rounding put two entries on one timestep, the later one moves up to the
+    next free timestep; entries pushed past `top` move back down the same way. The
+    endpoints 0 and `top` stay when they were there.
+    """
+    ts = np.array(ts, np.int64)
+    for i in range(1, len(ts)):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = min(ts[-1], top)
+    for i in range(len(ts) - 2, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return ts
+
+
+def _log_snr_timesteps(alphas_cumprod: np.ndarray, num_steps: int, t_start: int) -> np.ndarray:
+    """Timesteps 0..t_start, increasing, whose log-SNR is evenly spaced (see ddim_timesteps)."""
+    ab = np.asarray(alphas_cumprod, np.float64)[: t_start + 1]
+    log_snr = np.log(ab) - np.log1p(-ab)  # decreasing in t
+    targets = np.linspace(log_snr[0], log_snr[-1], num_steps)
+    # np.interp needs increasing abscissae: read the decreasing table backwards.
+    t_cont = np.interp(targets, log_snr[::-1], np.arange(t_start, -1, -1, dtype=np.float64))
+    return np.round(t_cont).astype(np.int64)
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace",
-                   *, t_start: int | None = None) -> np.ndarray:
-    """The strided timesteps a DDIM chain visits, in the order visited.
+                   *, t_start: int | None = None,
+                   alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
+    """The timesteps a strided chain (any sampler) visits, in the order visited.
 
     Args:
       num_timesteps: T of the schedule.
       num_steps: how many model evaluations (1 <= num_steps <= t_start + 1).
-      spacing: "linspace" (evenly spaced from t_start down to 0, both included)
-        or "uniform" (Song et al.: the first num_steps of
-        range(0, t_start + 1, (t_start + 1) // num_steps), visited backwards).
+      spacing: one of `SPACINGS`:
+        "linspace": ``round(linspace(t_start, 0, num_steps))``;
+        "uniform": Song et al.'s DDIM striding, the first num_steps of
+        ``range(0, t_start + 1, (t_start + 1) // num_steps)``, visited backwards;
+        "quadratic": ``round(t_start (i / (num_steps - 1))^2)`` for i = 0..num_steps-1;
+        "logsnr": log(ab / (1 - ab)) evenly spaced from t_start to t = 0, each
+        value mapped to a timestep by linear interpolation of the log-SNR table
+        and rounded to the nearest one (needs alphas_cumprod).
+        Where "quadratic" or "logsnr" rounds two values onto one timestep, the
+        neighbouring free timesteps are taken, so there are always num_steps
+        distinct ones; all but "uniform" start at t_start and end at 0.
       t_start: the first timestep (default T - 1).
+      alphas_cumprod: [T] the schedule's alpha-bars (only "logsnr" needs them;
+        `spaced_timesteps` passes them from a `Schedule`).
 
     Returns:
       int32 [num_steps], strictly decreasing.
@@ -88,16 +145,71 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace"
         raise ValueError(
             f"num_steps must be in [1, {t_start + 1}] (the timesteps available), "
             f"got {num_steps}.")
+    if spacing not in SPACINGS:
+        raise ValueError(f"ddim_spacing (the spacing) must be one of {SPACINGS}, "
+                         f"got {spacing!r}.")
+    if num_steps == 1:
+        return np.array([t_start], np.int32)
     if spacing == "linspace":
-        ts = np.round(np.linspace(t_start, 0, num_steps)).astype(np.int32)
-        if num_steps == 1:
-            ts = np.array([t_start], np.int32)
-    elif spacing == "uniform":
+        return np.round(np.linspace(t_start, 0, num_steps)).astype(np.int32)
+    if spacing == "uniform":
         ts = np.arange(0, t_start + 1, (t_start + 1) // num_steps)[:num_steps][::-1]
-        ts = ts.astype(np.int32)
+        return ts.astype(np.int32)
+    if spacing == "quadratic":
+        ts = np.round(t_start * (np.arange(num_steps) / (num_steps - 1)) ** 2)
     else:
-        raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, got {spacing!r}.")
-    return ts
+        if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+            raise ValueError(f'spacing "logsnr" needs alphas_cumprod [{num_timesteps}] of the '
+                             "schedule; use spaced_timesteps(schedule, ...).")
+        ts = _log_snr_timesteps(alphas_cumprod, num_steps, t_start)
+    return _distinct_increasing(ts, t_start)[::-1].astype(np.int32)
+
+
+def _float64_alphas_cumprod(s: diffusion.Schedule) -> np.ndarray:
+    """The schedule's alpha-bars in float64, from its betas (a concrete schedule only)."""
+    try:
+        betas = np.asarray(s.betas, np.float64)
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(
+            "This sampler option needs a concrete schedule (it precomputes tables in "
+            "numpy): close over the Schedule in the jitted function rather than pass it "
+            "as a traced argument.") from None
+    return np.cumprod(1.0 - betas)
+
+
+def spaced_timesteps(s: diffusion.Schedule, num_steps: int, spacing: str = "linspace",
+                     *, t_start: int | None = None) -> np.ndarray:
+    """`ddim_timesteps` for the schedule s (any spacing, "logsnr" included).
+
+    Returns:
+      int32 [num_steps], strictly decreasing.
+    """
+    ab = _float64_alphas_cumprod(s) if spacing == "logsnr" else None
+    return ddim_timesteps(s.num_timesteps, num_steps, spacing, t_start=t_start,
+                          alphas_cumprod=ab)
+
+
+def respaced_schedule(s: diffusion.Schedule, timesteps: Sequence[int]) -> diffusion.Schedule:
+    """The diffusion restricted to a subset of its timesteps (respaced sampling).
+
+    The kept timesteps k_0 < k_1 < ... keep their alpha-bars: the new process has
+    beta_i = 1 - ab[k_i] / ab[k_{i-1}] (ab[k_{-1}] = 1), computed in float64 from
+    s.betas, and all its tables (posterior, variances) follow from those betas,
+    as in Nichol & Dhariwal's respacing. Index i of the result stands for the
+    original timestep k_i.
+
+    Args:
+      s: the diffusion schedule (concrete, not traced).
+      timesteps: the kept timesteps, distinct, in any order.
+
+    Returns:
+      A `Schedule` with len(timesteps) steps.
+    """
+    kept = np.sort(np.asarray(timesteps, np.int64))
+    if len(np.unique(kept)) != len(kept) or kept[0] < 0 or kept[-1] >= s.num_timesteps:
+        raise ValueError(f"timesteps must be distinct and in [0, {s.num_timesteps - 1}].")
+    ab = _float64_alphas_cumprod(s)[kept]
+    return diffusion.make_schedule(1.0 - ab / np.append(1.0, ab[:-1]))
 
 
 def example_normal(key: jax.Array, indices: jax.Array, shape: Sequence[int],
@@ -134,8 +246,9 @@ class SampleOptions:
       mean_type: "eps" | "xstart" | "xprev" | "v".
       var_type: "fixedlarge" | "fixedsmall" | "learned" | "learned_range".
       clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
-      sampler: "ddpm" | "ddim" (`SAMPLERS`).
-      num_steps: DDIM model evaluations (default: all steps). Not for "ddpm".
+      sampler: "ddpm" | "ddim" | "dpm++2m" (`SAMPLERS`).
+      num_steps: model evaluations (default: all steps). For "ddpm" fewer than
+        all runs the respaced process (`respaced_schedule`).
       eta: DDIM noise scale in [0, 1] (0: deterministic; 1 with num_steps = T
         is DDPM with fixedsmall variance). A Python number or a traced scalar;
         only a Python 0 skips drawing the noise.
@@ -148,7 +261,11 @@ class SampleOptions:
         sample cut into calls gives the same images as one call.
       x_init: [B, H, W, C] the starting x at t_start instead of fresh noise.
       t_start: the timestep the chain starts from (default T - 1).
-      ddim_spacing: "linspace" | "uniform" (`DDIM_SPACINGS`), see `ddim_timesteps`.
+      ddim_spacing: the spacing of "ddim" and "ddpm" when `spacing` is None
+        (the older name of that option; default "linspace").
+      spacing: which num_steps timesteps are visited, one of `SPACINGS` (see
+        `ddim_timesteps`); None: ddim_spacing for "ddim" and "ddpm", "logsnr"
+        for "dpm++2m".
       sharding: optional sharding of the [B, ...] arrays (e.g. a NamedSharding
         over a "data" mesh axis) applied to the chain's state under jit.
     """
@@ -167,6 +284,7 @@ class SampleOptions:
     x_init: jax.Array | None = None
     t_start: int | None = None
     ddim_spacing: str = "linspace"
+    spacing: str | None = None
     sharding: jax.sharding.Sharding | None = None
 
     def __post_init__(self):
@@ -189,9 +307,18 @@ class SampleOptions:
             if self.null_label is None:
                 raise ValueError("guidance_scale needs null_label (the null class, usually "
                                  "num_classes).")
-        if self.ddim_spacing not in DDIM_SPACINGS:
-            raise ValueError(f"ddim_spacing must be one of {DDIM_SPACINGS}, "
+        if self.ddim_spacing not in SPACINGS:
+            raise ValueError(f"ddim_spacing must be one of {SPACINGS}, "
                              f"got {self.ddim_spacing!r}.")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS} or None, got {self.spacing!r}.")
+
+    @property
+    def resolved_spacing(self) -> str:
+        """The spacing used: `spacing`, or the sampler's default when it is None."""
+        if self.spacing is not None:
+            return self.spacing
+        return "logsnr" if self.sampler == "dpm++2m" else self.ddim_spacing
 
 
 def _guided_model(model_fn: ModelFn, labels, guidance_scale, null_label, var_type,
@@ -339,6 +466,89 @@ def ddim_step(
     return x_next.astype(x.dtype), x0
 
 
+class DPMSolverState(NamedTuple):
+    """What `dpm_solver_2m_step` carries from one step to the next.
+
+    Attributes:
+      x0_prev: [B, H, W, C] the previous step's x_0 prediction.
+      h_prev: float32 scalar, the previous step's log-SNR/2 increment h.
+      has_prev: bool scalar, False before the first step (which is first-order).
+    """
+
+    x0_prev: jax.Array
+    h_prev: jax.Array
+    has_prev: jax.Array
+
+
+def dpm_solver_state(x: jax.Array) -> DPMSolverState:
+    """The state before the first `dpm_solver_2m_step` of a chain starting at x."""
+    return DPMSolverState(jnp.zeros_like(x), jnp.zeros((), jnp.float32), jnp.zeros((), bool))
+
+
+def _half_log_snr(s: diffusion.Schedule, t: jax.Array) -> jax.Array:
+    """lambda_t = log(alpha_t / sigma_t) = (log ab_t - log(1 - ab_t)) / 2."""
+    return 0.5 * (jnp.log(jnp.take(s.alphas_cumprod, t))
+                  - jnp.take(s.log_one_minus_alphas_cumprod, t))
+
+
+def dpm_solver_2m_step(
+    s: diffusion.Schedule,
+    x: jax.Array,
+    t: jax.Array,
+    t_next: jax.Array,
+    model_output: jax.Array,
+    state: DPMSolverState,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array, DPMSolverState]:
+    """One step of DPM-Solver++(2M) from t to an earlier t_next (Lu et al. 2022, Alg. 2).
+
+    With alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma),
+    h = lambda_next - lambda_t and x0 the data prediction at (x, t) (clipped if
+    clip_denoised):
+    x_next = (sigma_next / sigma_t) x - alpha_next (exp(-h) - 1) D,
+    with D = x0 on the first step (first order; the DDIM step) and otherwise
+    D = (1 + 1 / (2r)) x0 - 1 / (2r) x0_prev, r = h_prev / h (second order,
+    multistep). A negative t_next is the step to alpha_bar = 1, which is first
+    order and returns x0 (as DDIM's last step). Deterministic: draws no noise.
+
+    Args:
+      s: the diffusion schedule.
+      x: [B, H, W, C] x_t.
+      t: int32 scalar, the current timestep (shared by the batch).
+      t_next: int32 scalar, the timestep to step to (< t); negative: to x_0.
+      model_output: [B, H, W, C] the model's output at (x, t) ([B, H, W, 2C] for
+        learned variances; only the mean part is used).
+      state: a `DPMSolverState` (`dpm_solver_state(x)` before the first step).
+      mean_type: "eps" | "xstart" | "xprev" | "v".
+      var_type: says how to split model_output.
+      clip_denoised: clip the predicted x_0 to [-1, 1].
+
+    Returns:
+      (x_next, pred_x0, new state); x_next has x's dtype.
+    """
+    if jnp.ndim(t) or jnp.ndim(t_next):
+        raise ValueError(f"t and t_next must be scalars (one timestep for the batch), got "
+                         f"shapes {jnp.shape(t)} and {jnp.shape(t_next)}.")
+    out = diffusion.p_mean_variance(s, model_output, x, _batch_t(t, x), mean_type=mean_type,
+                                    var_type=var_type, clip_denoised=clip_denoised)
+    x0 = out["pred_xstart"]
+    last = t_next < 0
+    tn = jnp.maximum(t_next, 0)
+    h = _half_log_snr(s, tn) - _half_log_snr(s, t)
+    second = jnp.logical_and(state.has_prev, jnp.logical_not(last))
+    half_inv_r = jnp.where(second, 0.5 * h / jnp.where(second, state.h_prev, 1.0), 0.0)
+    d = (1.0 + half_inv_r) * x0 - half_inv_r * state.x0_prev
+    sigma_ratio = jnp.exp(0.5 * (jnp.take(s.log_one_minus_alphas_cumprod, tn)
+                                 - jnp.take(s.log_one_minus_alphas_cumprod, t)))
+    x_next = sigma_ratio * x - jnp.take(s.sqrt_alphas_cumprod, tn) * jnp.expm1(-h) * d
+    x_next = jnp.where(last, x0, x_next)
+    new_state = DPMSolverState(x0, jnp.asarray(h, jnp.float32), jnp.ones((), bool))
+    return x_next.astype(x.dtype), x0, new_state
+
+
 # ----------------------------------------------------------------------------- the chain
 
 # A chain step for `_scan_chain`: (x [B,H,W,C], t [], t_next [], model_output,
@@ -348,20 +558,57 @@ def ddim_step(
 StepFn = Callable[..., tuple[jax.Array, jax.Array, Any]]
 
 
-def _sampler_step(s: diffusion.Schedule, o: SampleOptions) -> tuple[StepFn, bool]:
-    """The chain step of o.sampler and whether it needs noise."""
+def _respaced_ddpm_step(s: diffusion.Schedule, sr: diffusion.Schedule, index_of: np.ndarray,
+                        o: SampleOptions) -> StepFn:
+    """The chain step of ancestral sampling in the respaced process sr.
+
+    The model's output at the original timestep t gives pred_x0 through the
+    original schedule (for every mean type, "xprev" included, whose output
+    belongs to the one-step posterior at t); the step is then a `ddpm_step` of
+    sr from its index index_of[t] with that pred_x0 and the model's variance
+    part ("learned_range" interpolates in sr's range; "learned" is a
+    log-variance taken as is).
+    """
+    kw = {"var_type": o.var_type, "clip_denoised": o.clip_denoised}
+    index_of = jnp.asarray(index_of, jnp.int32)
+
+    def step(x, t, t_next, out, noise, state):
+        del t_next
+        x0 = diffusion.p_mean_variance(s, out, x, _batch_t(t, x), mean_type=o.mean_type,
+                                       **kw)["pred_xstart"]
+        if o.var_type in diffusion.LEARNED_VAR_TYPES:
+            x0 = jnp.concatenate([x0, out[..., x.shape[-1]:]], axis=-1)
+        return (*ddpm_step(sr, x, index_of[t], x0, noise, mean_type="xstart", **kw), state)
+
+    return step
+
+
+def _sampler_step(s: diffusion.Schedule, o: SampleOptions, ts: np.ndarray,
+                  x: jax.Array) -> tuple[StepFn, bool, Any]:
+    """The chain step of o.sampler over the timesteps ts, whether it needs noise, and
+    its initial solver state for a chain starting at x."""
     kw = {"mean_type": o.mean_type, "var_type": o.var_type, "clip_denoised": o.clip_denoised}
-    if o.sampler == "ddpm":
+    if o.sampler == "ddpm" and len(ts) == ts[0] + 1:  # every step: the process itself
         def step(x, t, t_next, out, noise, state):
             del t_next
             return (*ddpm_step(s, x, t, out, noise, **kw), state)
 
-        return step, True
+        return step, True, ()
+    if o.sampler == "ddpm":
+        index_of = np.zeros(s.num_timesteps, np.int32)
+        index_of[np.sort(ts)] = np.arange(len(ts), dtype=np.int32)
+        return _respaced_ddpm_step(s, respaced_schedule(s, ts), index_of, o), True, ()
+    if o.sampler == "dpm++2m":
+        def dpm(x, t, t_next, out, noise, state):
+            del noise
+            return dpm_solver_2m_step(s, x, t, t_next, out, state, **kw)
+
+        return dpm, False, dpm_solver_state(x)
 
     def ddim(x, t, t_next, out, noise, state):
         return (*ddim_step(s, x, t, t_next, out, noise, eta=o.eta, **kw), state)
 
-    return ddim, not (isinstance(o.eta, (int, float)) and o.eta == 0)
+    return ddim, not (isinstance(o.eta, (int, float)) and o.eta == 0), ()
 
 
 def _save_every(buf: jax.Array, value: jax.Array, i: jax.Array, k: int) -> jax.Array:
@@ -439,14 +686,14 @@ def _visited_timesteps(s: diffusion.Schedule, o: SampleOptions) -> tuple[np.ndar
     t_start = num_timesteps - 1 if o.t_start is None else int(o.t_start)
     if not 0 <= t_start < num_timesteps:
         raise ValueError(f"t_start must be in [0, {num_timesteps - 1}], got {t_start}.")
-    if o.sampler == "ddpm":
-        if o.num_steps is not None and o.num_steps != t_start + 1:
-            raise ValueError(f"num_steps is for sampler='ddim'; ddpm always takes every step "
-                             f"({t_start + 1}). Got num_steps={o.num_steps}.")
+    num_steps = t_start + 1 if o.num_steps is None else int(o.num_steps)
+    if o.sampler == "ddpm" and num_steps == t_start + 1:
         ts = np.arange(t_start, -1, -1, dtype=np.int32)
+    elif o.sampler == "ddpm" and not 2 <= num_steps <= t_start + 1:
+        raise ValueError(f"num_steps of sampler 'ddpm' must be in [2, {t_start + 1}] "
+                         f"(respaced below {t_start + 1}), got {num_steps}.")
     else:
-        ts = ddim_timesteps(num_timesteps, t_start + 1 if o.num_steps is None else o.num_steps,
-                            o.ddim_spacing, t_start=t_start)
+        ts = spaced_timesteps(s, num_steps, o.resolved_spacing, t_start=t_start)
     return ts, np.append(ts[1:], -1).astype(np.int32)
 
 
@@ -459,8 +706,10 @@ def sample_with(
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Draws samples by running the reverse process in one `lax.scan`.
 
-    "ddpm" runs `ddpm_step` at every timestep, "ddim" runs `ddim_step` over
-    the `ddim_timesteps` subset; the keys are used as the module docstring says.
+    "ddpm" runs `ddpm_step` at every timestep, or with num_steps < T the
+    respaced process (`respaced_schedule`) over the spaced subset; "ddim" runs
+    `ddim_step` and "dpm++2m" `dpm_solver_2m_step` over the spaced subset
+    (`spaced_timesteps`); the keys are used as the module docstring says.
 
     Args:
       s: the diffusion schedule.
@@ -494,13 +743,13 @@ def sample_with(
         x = jnp.asarray(o.x_init, jnp.float32)
     net = _guided_model(model_fn, o.labels, o.guidance_scale, o.null_label, o.var_type,
                         shape[-1])
-    step_fn, noisy = _sampler_step(s, o)
+    step_fn, noisy, state = _sampler_step(s, o, ts, x)
 
     def noise_at(t):
         return constrain(example_normal(jax.random.fold_in(loop_key, t), index, shape[1:]))
 
     x, traj = _scan_chain(net, constrain(x), ts, t_next, step_fn,
-                          noise_fn=noise_at if noisy else None,
+                          noise_fn=noise_at if noisy else None, state=state,
                           trajectory_every=o.trajectory_every, constrain=constrain)
     return x if traj is None else (x, traj)
 
@@ -525,6 +774,7 @@ def sample(
     x_init: jax.Array | None = None,
     t_start: int | None = None,
     ddim_spacing: str = "linspace",
+    spacing: str | None = None,
     sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """`sample_with` with the `SampleOptions` given as keywords.
@@ -536,7 +786,8 @@ def sample(
       shape: the batch shape (B, H, W, C) (static).
       mean_type, var_type, clip_denoised, sampler, num_steps, eta,
         trajectory_every, labels, guidance_scale, null_label, index_offset,
-        x_init, t_start, ddim_spacing, sharding: the fields of `SampleOptions`.
+        x_init, t_start, ddim_spacing, spacing, sharding: the fields of
+        `SampleOptions`.
 
     Returns:
       As `sample_with`.
@@ -545,7 +796,8 @@ def sample(
         mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, sampler=sampler,
         num_steps=num_steps, eta=eta, trajectory_every=trajectory_every, labels=labels,
         guidance_scale=guidance_scale, null_label=null_label, index_offset=index_offset,
-        x_init=x_init, t_start=t_start, ddim_spacing=ddim_spacing, sharding=sharding)
+        x_init=x_init, t_start=t_start, ddim_spacing=ddim_spacing, spacing=spacing,
+        sharding=sharding)
     return sample_with(s, model_fn, key, shape, options)
 
 

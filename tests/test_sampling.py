@@ -279,7 +279,8 @@ def small_sample(key, shape=SHAPE, **kw):
     return sampling.sample(SMALL_S, toy_model, key, shape, **kw)
 
 
-@pytest.mark.parametrize("sampler_kw", [{}, {"sampler": "ddim", "num_steps": 7, "eta": 0.3}])
+@pytest.mark.parametrize("sampler_kw", [{}, {"sampler": "ddim", "num_steps": 7, "eta": 0.3},
+                                        {"num_steps": 6}, {"sampler": "dpm++2m", "num_steps": 8}])
 def test_determinism_prefix_and_offset(sampler_kw):
     f = jax.jit(lambda k, off, shape: small_sample(k, shape, index_offset=off, **sampler_kw),
                 static_argnums=2)
@@ -292,14 +293,16 @@ def test_determinism_prefix_and_offset(sampler_kw):
     assert np.abs(full).max() <= 1.0  # clip_denoised: the last step returns clipped x0
 
 
-def test_device_count_invariance():
+@pytest.mark.parametrize("sampler_kw", [{}, {"sampler": "dpm++2m", "num_steps": 8}])
+def test_device_count_invariance(sampler_kw):
     devices = jax.devices()
     assert len(devices) == 8, "conftest sets 8 fake CPU devices"
     mesh = Mesh(np.array(devices), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     key = jax.random.key(8)
-    one = jax.jit(lambda k: small_sample(k))(key)
-    many = jax.jit(lambda k: small_sample(k, sharding=sharding), out_shardings=sharding)(key)
+    one = jax.jit(lambda k: small_sample(k, **sampler_kw))(key)
+    many = jax.jit(lambda k: small_sample(k, sharding=sharding, **sampler_kw),
+                   out_shardings=sharding)(key)
     assert len(many.sharding.device_set) == 8
     assert many.addressable_shards[0].data.shape == (2, *SHAPE[1:])
     np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-6)
@@ -412,7 +415,9 @@ def test_interpolation(sampler_kw):
         ({"sampler": "ddim", "eta": 1.5}, "eta"),
         ({"sampler": "ddim", "num_steps": 0}, "num_steps"),
         ({"sampler": "ddim", "num_steps": 7, "ddim_spacing": "quad"}, "ddim_spacing"),
-        ({"num_steps": 5}, "num_steps"),
+        ({"num_steps": 1}, "num_steps"),  # respaced ddpm needs at least 2 steps
+        ({"num_steps": SMALL_T + 1}, "num_steps"),
+        ({"sampler": "dpm++2m", "spacing": "cosine"}, "spacing"),
         ({"trajectory_every": 0}, "trajectory_every"),
         ({"guidance_scale": 1.0}, "labels"),
         ({"guidance_scale": 1.0, "labels": jnp.zeros(16, jnp.int32)}, "null_label"),
