@@ -83,9 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # How the periodic sample grids are drawn (with the EMA params).
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.sampler = "ddpm"  # "ddpm" | "ddim"
-    sampling.num_steps = ml_collections.config_dict.placeholder(int)  # DDIM steps
+    sampling.sampler = "ddpm"  # "ddpm" | "ddim" | "dpm++2m"
+    sampling.num_steps = ml_collections.config_dict.placeholder(int)  # None: all T steps
     sampling.clip_denoised = True
+    # None: the sampler's default ("logsnr" for dpm++2m, else "linspace"); see sampling.SPACINGS
+    sampling.spacing = ml_collections.config_dict.placeholder(str)
 
     # FID and Inception Score of EMA samples during training (ddpm_jax.metrics.in_training);
     # off while every = 0. Turning it on needs the two files, checked when training starts.

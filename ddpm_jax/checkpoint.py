@@ -52,8 +52,12 @@ RESUMABLE_CONFIG_CHANGES = (
     "training.num_train_steps", "training.log_every", "training.checkpoint_every",
     "training.keep_checkpoints", "training.sample_every", "training.num_samples",
     "training.steps_per_call", "sampling.sampler", "sampling.num_steps",
-    "sampling.clip_denoised", "parallelism", "model.remat", "data.data_dir",
+    "sampling.clip_denoised", "sampling.spacing", "parallelism", "model.remat", "data.data_dir",
+    "eval",  # a whole section: evaluation during training does not change the training
 )
+# Fields added after checkpoints were first written: absent in an older checkpoint's config,
+# they are unchanged when the new config has this (their default) value.
+_ADDED_FIELD_DEFAULTS = {"training.timestep_sampler": "uniform", "sampling.spacing": None}
 _META_FIELDS = ("step", "inference")
 
 
@@ -374,9 +378,13 @@ def config_changes(saved: dict[str, Any], config: Any) -> tuple[list[str], list[
     meaningful, harmless = [], []
     for field in sorted(set(old) | set(new)):
         a, b = old.get(field, "<absent>"), new.get(field, "<absent>")
+        if a == "<absent>" and field in _ADDED_FIELD_DEFAULTS and b == _ADDED_FIELD_DEFAULTS[field]:
+            continue
         if a != b:
             line = f"{field}: {a!r} -> {b!r}"
-            (harmless if field in RESUMABLE_CONFIG_CHANGES else meaningful).append(line)
+            resumable = field in RESUMABLE_CONFIG_CHANGES or \
+                field.split(".")[0] in RESUMABLE_CONFIG_CHANGES
+            (harmless if resumable else meaningful).append(line)
     return meaningful, harmless
 
 

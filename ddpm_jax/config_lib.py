@@ -244,14 +244,19 @@ class SamplingConfig:
       num_steps: network evaluations per sample (None: T for "ddpm"; required
         otherwise).
       clip_denoised: clip the x0 prediction to [-1, 1] at each step.
+      spacing: which timesteps num_steps visits, one of `sampling.SPACINGS`
+        (None: the sampler's default, "logsnr" for "dpm++2m", else "linspace").
     """
 
     sampler: str
     num_steps: int | None = None
     clip_denoised: bool = True
+    spacing: str | None = None
 
     def __post_init__(self):
         _choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
+        if self.spacing is not None:
+            _choice("sampling.spacing", self.spacing, sampling.SPACINGS)
         if self.num_steps is not None:
             _positive_int("sampling.num_steps", self.num_steps)
 

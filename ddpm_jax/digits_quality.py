@@ -53,7 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddpm_jax import builders, checkpoint, sampling
+from ddpm_jax import builders, checkpoint, commands, sampling
 
 CONFIDENCE = 0.8
 TABLE_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -187,8 +187,8 @@ def _table(args: argparse.Namespace) -> None:
                     f.write(line + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = commands.parser("python -m ddpm_jax.digits_quality", __doc__.splitlines()[0])
     parser.add_argument("path", help="training workdir or save_params directory")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -207,7 +207,8 @@ def main() -> None:
                         help="the step counts of --table (default 10 20 50 100 1000)")
     parser.add_argument("--out", default=None, help="--table: append the JSON lines here")
     parser.add_argument("--machine", default="", help="--table: a note on the hardware")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    commands.setup_logging(None, verbose=args.verbose)
     if args.num_samples < 1:
         parser.error(f"--num_samples must be positive, got {args.num_samples}.")
     if args.table:
@@ -215,12 +216,19 @@ def main() -> None:
             parser.error("--save draws one sample set; do not combine it with --table.")
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             parser.error(f"--out {args.out}: its directory does not exist; create it first.")
+        start = time.perf_counter()
         _table(args)
+        commands.finish("digits_quality", "the sampler table" + (
+            f", appended to {commands.relpath(args.out)}" if args.out else ""), start=start)
         return
     start = time.perf_counter()
     result = _measure(args.path, args, args.sampler, args.num_steps, args.spacing)
     result["sampling_seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, indent=2))
+    steps = "all T" if args.num_steps is None else args.num_steps
+    commands.finish("digits_quality", f"{100 * result['confident']:.1f}% of {args.num_samples} "
+                    f"samples ({args.sampler}, {steps} steps) classified with probability >= "
+                    f"{CONFIDENCE}", start=start)
 
 
 if __name__ == "__main__":

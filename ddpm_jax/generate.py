@@ -5,6 +5,8 @@ Usage::
   python -m ddpm_jax.generate --checkpoint WORKDIR_OR_PARAMS_DIR \\
       --num_samples 50000 --batch_size 256 --out samples/ \\
       [--sampler ddim --num_steps 50 --eta 0] [--seed 0]
+  # 20 network evaluations with DPM-Solver++(2M) (log-SNR spacing by default):
+  python -m ddpm_jax.generate ... --sampler dpm++2m --num_steps 20
 
 The checkpoint is anything `ddpm_jax.checkpoint.load_params` reads: a
 training workdir (its latest EMA params) or a converted params directory. The
@@ -97,7 +99,7 @@ def run_manifest(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, An
         "shard_size": args.batch_size * args.shard_batches, "seed": args.seed,
         "sampler": args.sampler, "num_steps": args.num_steps, "eta": args.eta,
         "clip_denoised": not args.no_clip, "class_label": args.class_label,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": args.guidance_scale, "spacing": args.spacing,
     }
 
 
@@ -157,7 +159,7 @@ def _sample_shard(params, meta, args, begin: int, count: int) -> dict[str, np.nd
         params, meta, num_samples=count, batch_size=args.batch_size, seed=args.seed,
         sampler=args.sampler, num_steps=args.num_steps, eta=args.eta,
         clip_denoised=not args.no_clip, class_label=args.class_label,
-        guidance_scale=args.guidance_scale, progress=False, start=begin)
+        guidance_scale=args.guidance_scale, progress=False, start=begin, spacing=args.spacing)
 
 
 def _gather_round(meta, size: int, shard: dict[str, np.ndarray] | None
@@ -242,7 +244,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="images per call, a multiple of the device count")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm")
-    p.add_argument("--num_steps", type=int, default=None, help="DDIM steps (default: all)")
+    p.add_argument("--num_steps", type=int, default=None,
+                   help="network evaluations per image (default: all T; ddpm with fewer runs "
+                        "the respaced process)")
+    p.add_argument("--spacing", choices=sampling.SPACINGS, default=None,
+                   help="timesteps visited with --num_steps (default: logsnr for dpm++2m, "
+                        "else linspace)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_clip", action="store_true", help="do not clip predicted x_0")

@@ -26,7 +26,7 @@ class _BatchSampler:
     """A jitted (params, key, offset, labels, w) -> uint8 [B, H, W, C] over a device mesh."""
 
     def __init__(self, model_config, diffusion_items, shape, sampler, num_steps, eta,
-                 clip_denoised, guided, devices):
+                 clip_denoised, guided, devices, spacing=None):
         dcfg = dict(diffusion_items)
         model = UNet(model_config)
         s = builders.schedule(dcfg)
@@ -39,7 +39,7 @@ class _BatchSampler:
             x = sampling.sample(
                 s, model_fn, key, shape, mean_type=dcfg["mean_type"],
                 var_type=dcfg["var_type"], clip_denoised=clip_denoised, sampler=sampler,
-                num_steps=num_steps, eta=eta, labels=labels,
+                num_steps=num_steps, eta=eta, spacing=spacing, labels=labels,
                 guidance_scale=w if guided else None, null_label=model_config.num_classes,
                 index_offset=offset, sharding=self.batch_sharding)
             return builders.to_uint8(x)
@@ -72,6 +72,7 @@ def generate(
     guidance_scale: float | None = None,
     progress: bool = True,
     start: int = 0,
+    spacing: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Draws num_samples images over all local devices.
 
@@ -81,14 +82,17 @@ def generate(
       num_samples: how many images (N).
       batch_size: images per compiled call, a multiple of the device count.
       seed: seed of the one key of the run.
-      sampler: "ddpm" | "ddim" (with num_steps and eta).
-      num_steps: DDIM steps.
+      sampler: one of `sampling.SAMPLERS` ("ddpm", "ddim" with eta, "dpm++2m").
+      num_steps: network evaluations per image (None: all T; "ddpm" with fewer runs
+        the respaced process).
       eta: DDIM noise scale.
       clip_denoised: clip predicted x_0 to [-1, 1] at every step.
       class_label: class-conditional models: this class for every image
         (default: image i gets class i % num_classes).
       guidance_scale: classifier-free guidance weight w (conditional models).
       progress: show a tqdm progress bar.
+      spacing: which timesteps num_steps visits, one of `sampling.SPACINGS` (None: the
+        sampler's default, "logsnr" for "dpm++2m", else "linspace").
       start: global index of the first image: the images with indices start,
         ..., start + N - 1 of the run of this seed (a slice of a larger run is
         the same as that run's images there when start is a multiple of
@@ -117,7 +121,7 @@ def generate(
     shape = (batch_size, size, size, channels)
     run = _batch_sampler(
         model.config, tuple(sorted(meta["diffusion"].items())), shape, sampler, num_steps,
-        float(eta), bool(clip_denoised), guidance_scale is not None, tuple(devices))
+        float(eta), bool(clip_denoised), guidance_scale is not None, tuple(devices), spacing)
     batch_sharding = run.batch_sharding
     params = jax.device_put(params, run.param_sharding)
     w = jnp.float32(0.0 if guidance_scale is None else guidance_scale)

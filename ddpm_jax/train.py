@@ -321,7 +321,7 @@ def make_sample_fn(config: Any) -> Callable[[PyTree, jax.Array, int], jax.Array]
     """Jitted ``(params, key, n) -> uint8 [n, H, W, C]`` samples (use the EMA params)."""
     model = UNet(builders.unet_config(config))
     sched = builders.schedule(config)
-    d, s = config.diffusion, config.sampling
+    d, s = config.diffusion, config_lib.SamplingConfig.from_config(config.sampling)
     shape_hw = (config.data.image_size, config.data.image_size, config.data.channels)
 
     @functools.partial(jax.jit, static_argnums=2)
@@ -331,7 +331,7 @@ def make_sample_fn(config: Any) -> Callable[[PyTree, jax.Array, int], jax.Array]
 
         x = sampling.sample(sched, model_fn, key, (n, *shape_hw), mean_type=d.mean_type,
                             var_type=d.var_type, clip_denoised=s.clip_denoised,
-                            sampler=s.sampler, num_steps=s.num_steps)
+                            sampler=s.sampler, num_steps=s.num_steps, spacing=s.spacing)
         return builders.to_uint8(x)
 
     return sample

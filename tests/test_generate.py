@@ -72,18 +72,19 @@ def test_exactly_n_images_independent_of_batch_size():
     assert (a["images"] != c["images"]).mean() > 0.5
 
 
-def test_matches_sampler_on_one_device():
+@pytest.mark.parametrize("options", [dict(sampler="ddim", num_steps=3, eta=0.5),
+                                     dict(sampler="dpm++2m", num_steps=4, spacing="quadratic")])
+def test_matches_sampler_on_one_device(options):
     """The sharded, batched run equals sampling.sample on the whole batch."""
     meta, params = tiny_meta(), tiny_params()
-    got = generate.generate(params, meta, num_samples=8, batch_size=8, seed=5, sampler="ddim",
-                            num_steps=3, eta=0.5, progress=False)["images"]
+    got = generate.generate(params, meta, num_samples=8, batch_size=8, seed=5, progress=False,
+                            **options)["images"]
     s = diffusion.make_schedule(schedules.get_beta_schedule(
         "linear", beta_start=1e-4, beta_end=0.2, num_timesteps=T))
     model = builders.unet_from_meta(meta)
     x = jax.jit(lambda k: sampling.sample(
         s, lambda x, t: model.apply({"params": params}, x, t), k, (8, SIZE, SIZE, CHANNELS),
-        mean_type="eps", var_type="fixedlarge", sampler="ddim", num_steps=3, eta=0.5))(
-        jax.random.key(5))
+        mean_type="eps", var_type="fixedlarge", **options))(jax.random.key(5))
     diff = np.abs(got.astype(int) - np_uint8(x).astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 

@@ -425,11 +425,14 @@ def test_digits_quality_sampler_options_and_table(tmp_path, monkeypatch, capsys)
         assert r["num_samples"] == 3 and r["batch_size"] == 3 and r["seconds_per_batch"] > 0
         assert r["confident"] == 0.0 and r["class_shares"] == [1.0] + [0.0] * 9
         assert r["command"].endswith(f"--out {out}") and r["checkpoint_step"] == 3
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("digits_quality: the sampler table")
     monkeypatch.setattr(sys, "argv", ["digits_quality", path, "--sampler", "ddpm",
                                       "--num_steps", "4", "--num_samples", "2"])
     digits_quality.main()
-    single = json.loads(capsys.readouterr().out)
+    body, last = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    single = json.loads(body)
+    assert last.startswith("digits_quality: 0.0% of 2 samples (ddpm, 4 steps)")
     assert (single["sampler"], single["num_steps"], single["num_samples"]) == ("ddpm", 4, 2)
 
 

@@ -154,6 +154,13 @@ def test_config_changes_lists_fields():
                           "seed: 0 -> 5"]
     assert harmless == ["training.log_every: 4 -> 7", "training.num_train_steps: 8 -> 50"]
     assert checkpoint.config_changes(old.to_dict(), old) == ([], [])
+    # A checkpoint written before a field existed: its default is no change, another value is.
+    older = old.to_dict()
+    del older["sampling"]["spacing"], older["eval"]
+    assert checkpoint.config_changes(older, old)[0] == []  # eval.* lines are harmless
+    new = _tiny()
+    new.sampling.spacing, new.eval.every = "quadratic", 100
+    assert checkpoint.config_changes(older, new)[0] == []
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, monkeypatch, caplog):
