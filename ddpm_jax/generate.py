@@ -302,9 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id, auto=args.multihost)
-    i = jax.process_index()
+    # Only process 0 needs --out on its disk (it writes everything there), so only it logs there.
     log_file = commands.setup_logging(
-        os.path.join(args.out, "generate.log" if i == 0 else f"generate.process{i}.log"),
+        os.path.join(args.out, "generate.log") if jax.process_index() == 0 else None,
         verbose=args.verbose)
     params, meta = load_params(args.checkpoint)
     manifest = run_manifest(args, meta)
