@@ -122,7 +122,8 @@ except ValueError as e:
 print("MISSING", tpu_aot.LIBTPU_MISSING)
 """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), str(LIBTPU_DIR), env.get("PYTHONPATH", "")) if p)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300, check=True).stdout
     assert "VALUE_ERROR unknown TPU topology 'v5e:banana'" in out and "v5e:2x4" in out
