@@ -52,6 +52,7 @@ def main(argv):
     from ddpm_jax import workdir as workdir_lib
 
     start = time.perf_counter()
+    commands.setup_logging(None, verbose=FLAGS.verbose)  # before JAX logs its backend probe
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id, auto=FLAGS.multihost)
