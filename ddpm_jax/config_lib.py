@@ -11,7 +11,7 @@ import importlib.util
 import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_collections
 import numpy as np
@@ -98,8 +98,20 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"config.{name}={value!r} is unknown; allowed: {list(allowed)}.")
 
 
+class _Section:
+    """A typed config section: ``from_config`` reads ``config.<SECTION>`` into the dataclass."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, section: Any):
+        """Reads and checks the section (a ConfigDict or a dict): unknown or missing fields
+        and bad values raise ValueError naming the field."""
+        return cls(**_read_section(cls, section, cls.SECTION))
+
+
 @dataclasses.dataclass(frozen=True)
-class DiffusionConfig:
+class DiffusionConfig(_Section):
     """``config.diffusion``: the forward process and what the network predicts.
 
     Attributes:
@@ -108,6 +120,8 @@ class DiffusionConfig:
       mean_type, var_type, loss_type: one of `diffusion.MEAN_TYPES`,
         `diffusion.VAR_TYPES`, `diffusion.LOSS_TYPES`.
     """
+
+    SECTION: ClassVar[str] = "diffusion"
 
     beta_schedule: str
     beta_start: float
@@ -130,10 +144,6 @@ class DiffusionConfig:
         _finite("diffusion.beta_end", self.beta_end)
         self.betas()  # the schedule's own checks (name, range)
 
-    @classmethod
-    def from_config(cls, section: Any) -> DiffusionConfig:
-        """Reads and checks ``config.diffusion`` (a ConfigDict, a dict, or a checkpoint's meta)."""
-        return cls(**_read_section(cls, section, "diffusion"))
 
     def betas(self) -> np.ndarray:
         """float64 [T]: `schedules.get_beta_schedule` of these fields."""
@@ -148,7 +158,7 @@ class DiffusionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """``config.optim``: Adam with a linear warm-up and global-norm clipping.
 
     Attributes:
@@ -159,6 +169,8 @@ class OptimConfig:
       clip_per_replica: clip each device's gradient before averaging (the
         reference TPU code's order) instead of the averaged one.
     """
+
+    SECTION: ClassVar[str] = "optim"
 
     lr: float
     warmup_steps: int
@@ -184,13 +196,9 @@ class OptimConfig:
             raise ValueError(f"config.optim: beta1 and beta2 must lie in [0, 1) and eps >= 0; "
                              f"got beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}.")
 
-    @classmethod
-    def from_config(cls, section: Any) -> OptimConfig:
-        return cls(**_read_section(cls, section, "optim"))
-
 
 @dataclasses.dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(_Section):
     """``config.training``: the loop.
 
     Attributes:
@@ -205,6 +213,8 @@ class TrainingConfig:
         (the paper's) or "loss_aware" (importance sampling by the loss history,
         Nichol & Dhariwal 2021); absent in older configs, then "uniform".
     """
+
+    SECTION: ClassVar[str] = "training"
 
     batch_size: int
     num_train_steps: int
@@ -230,13 +240,9 @@ class TrainingConfig:
         _choice("training.timestep_sampler", self.timestep_sampler,
                 timestep_sampling.TIMESTEP_SAMPLERS)
 
-    @classmethod
-    def from_config(cls, section: Any) -> TrainingConfig:
-        return cls(**_read_section(cls, section, "training"))
-
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Section):
     """``config.sampling``: how the periodic sample grids are drawn (with the EMA params).
 
     Attributes:
@@ -247,6 +253,8 @@ class SamplingConfig:
       spacing: which timesteps num_steps visits, one of `sampling.SPACINGS`
         (None: the sampler's default, "logsnr" for "dpm++2m", else "linspace").
     """
+
+    SECTION: ClassVar[str] = "sampling"
 
     sampler: str
     num_steps: int | None = None
@@ -260,13 +268,9 @@ class SamplingConfig:
         if self.num_steps is not None:
             _positive_int("sampling.num_steps", self.num_steps)
 
-    @classmethod
-    def from_config(cls, section: Any) -> SamplingConfig:
-        return cls(**_read_section(cls, section, "sampling"))
-
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     """``config.eval`` (optional): FID and IS of EMA samples during training.
 
     The files and the sampler options are checked by
@@ -283,6 +287,8 @@ class EvalConfig:
       fid_method: "sqrtm" or "eigh".
       is_splits: Inception Score splits.
     """
+
+    SECTION: ClassVar[str] = "eval"
 
     every: int = 0
     num_samples: int = 10_000
@@ -305,10 +311,6 @@ class EvalConfig:
             _positive_int(f"eval.{name}", getattr(self, name))
         if self.num_steps is not None:
             _positive_int("eval.num_steps", self.num_steps)
-
-    @classmethod
-    def from_config(cls, section: Any) -> EvalConfig:
-        return cls(**_read_section(cls, section, "eval"))
 
 
 @dataclasses.dataclass(frozen=True)

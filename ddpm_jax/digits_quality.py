@@ -165,7 +165,7 @@ def _measure(path: str, args: argparse.Namespace, sampler: str, num_steps: int |
     if num_steps is None:
         spacing = "every step"
     elif spacing is None:
-        spacing = "logsnr" if sampler == "dpm++2m" else "linspace"  # sampling's defaults
+        spacing = sampling.default_spacing(sampler)
     return {"sampler": sampler, "num_steps": num_steps, "spacing": spacing,
             **score(samples), **timing}
 

@@ -318,7 +318,13 @@ class SampleOptions:
         """The spacing used: `spacing`, or the sampler's default when it is None."""
         if self.spacing is not None:
             return self.spacing
-        return "logsnr" if self.sampler == "dpm++2m" else self.ddim_spacing
+        return default_spacing(self.sampler, self.ddim_spacing)
+
+
+def default_spacing(sampler: str, ddim_spacing: str = "linspace") -> str:
+    """The spacing a sampler uses when none is given: "logsnr" for "dpm++2m", else
+    ddim_spacing ("linspace" by default)."""
+    return "logsnr" if sampler == "dpm++2m" else ddim_spacing
 
 
 def _guided_model(model_fn: ModelFn, labels, guidance_scale, null_label, var_type,
