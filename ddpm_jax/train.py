@@ -458,12 +458,11 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
            ) -> TrainState:
     """The body of `train_and_evaluate`, in a locked workdir (the caller closes ckpt).
 
-    Longer than 60 lines: it is the training loop, read top to bottom.
+    Longer than 60 lines: it is the training loop, read top to bottom; the
+    non-finite check and the end of training are `_check_finite` and `_finish`.
     """
     t_cfg = config.training
-    local_batch = dp.local_batch_size(t_cfg.batch_size)
     lead = jax.process_index() == 0
-
     root = jax.random.key(config.seed)
     init_key, train_key, sample_key = (jax.random.fold_in(root, i) for i in range(3))
     data_seed = int(jax.random.randint(jax.random.fold_in(root, 3), (), 0, 2**31 - 1))
@@ -474,7 +473,8 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
         logging.info("resumed from the checkpoint at step %d", restored[1]["step"])
     step = int(dp.first(state.step))
     data_iter = input_pipeline.create_input_iter(
-        config.data, batch_size=local_batch, train=True, seed=data_seed, start_step=step)
+        config.data, batch_size=dp.local_batch_size(t_cfg.batch_size), train=True,
+        seed=data_seed, start_step=step)
 
     def meta(at_step):
         return {"step": at_step, "data": {"seed": data_seed, "position": at_step},
@@ -482,38 +482,25 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
                 "config": config.to_dict()}
 
     train_fn = make_train_fn(config, dp)
-    sample_fn = make_sample_fn(config)
+    sample = functools.partial(_sample, make_sample_fn(config), dp, key=sample_key,
+                               n=t_cfg.num_samples, workdir=workdir, lead=lead)
     key_data = dp.replicate(jax.random.key_data(train_key))
     state = dp.to_device(state)
     writer = summary_lib.SummaryWriter(os.path.join(workdir, "tensorboard")) if lead else None
     bar = _progress_bar(step, t_cfg.num_train_steps) if lead else None
     preempt = _Preemption()
-    k_full = t_cfg.steps_per_call
-    sampled_at = -1
-    preempted_at = None
+    sampled_at = preempted_at = None
     try:
-        k = min(k_full, t_cfg.num_train_steps - step)
+        k = min(t_cfg.steps_per_call, t_cfg.num_train_steps - step)
         batches = _batches(data_iter, k) if k > 0 else None
         tick, tick_step = time.perf_counter(), step
         while step < t_cfg.num_train_steps:
             state, metrics = train_fn(state, dp.shard_batch(batches), key_data)
             before, step = step, step + k
-            k = min(k_full, t_cfg.num_train_steps - step)
+            k = min(t_cfg.steps_per_call, t_cfg.num_train_steps - step)
             batches = _batches(data_iter, k) if k > 0 else None  # overlaps the device work
             metrics = dp.first(metrics)
-            if not np.all(np.isfinite(metrics["loss"])):
-                bad = before + int(np.argmin(np.isfinite(metrics["loss"]))) + 1
-                ckpt.wait()
-                last = ckpt.latest_step()
-                where = (f"The last good checkpoint is step {last} in {ckpt.directory}"
-                         if last is not None else
-                         f"No checkpoint was written yet (none in {ckpt.directory})")
-                raise NonFiniteLossError(
-                    f"the loss became {metrics['loss'][bad - before - 1]} at step {bad}; stopped "
-                    f"without saving. {where}. Lower optim.lr, raise optim.warmup_steps or "
-                    "enable optim.grad_clip, then resume (run_train.py needs "
-                    "--allow_config_change to resume with a changed optimizer)."
-                )
+            _check_finite(metrics["loss"], before, ckpt)
             if bar is not None:
                 bar.update(step - before)
             if _crossed(before, step, t_cfg.log_every) or step == t_cfg.num_train_steps:
@@ -536,8 +523,7 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
                 preempted_at = step
                 break
             if t_cfg.num_samples and _crossed(before, step, t_cfg.sample_every):
-                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
-                        writer)
+                sample(state, step=step, writer=writer)
                 sampled_at = step
             if evaluator is not None and evaluator.due(before, step):
                 scalars = evaluator(dp.first(state.ema_params))
@@ -546,21 +532,9 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
         final = dp.to_global(state)
         if preempted_at is None:  # training is complete
             ckpt.save(step, final, meta(step))
-            # The same decision on every process (sampling is a collective).
-            sigterm = (preempt.requested if jax.process_count() == 1
-                       else ckpt.reached_preemption(step))
-            if t_cfg.num_samples and sampled_at != step and sigterm:
-                logging.warning("preemption (SIGTERM) after the last step %d: checkpoint written; "
-                                "the final samples are not drawn (run the same command again to "
-                                "draw them); exiting.", step)
-                preempted_at = step
-            elif t_cfg.num_samples and sampled_at != step:
-                _sample(sample_fn, dp, state, sample_key, step, t_cfg.num_samples, workdir, lead,
-                        writer)
-            if preempted_at is None and preempt.requested:
-                logging.warning("SIGTERM after the last step %d: training is complete, the "
-                                "final checkpoint and samples are written; exiting normally.",
-                                step)
+            need_samples = bool(t_cfg.num_samples) and sampled_at != step
+            preempted_at = _finish(step, need_samples, preempt, ckpt,
+                                   lambda: sample(state, step=step, writer=writer))
     finally:
         preempt.restore()
         if writer is not None:
@@ -572,7 +546,48 @@ def _train(config: Any, workdir: str, ckpt: checkpoint.TrainCheckpointer,
     return final
 
 
-def _sample(sample_fn, dp, state, key, step, n, workdir, lead, writer=None) -> None:
+def _check_finite(losses: np.ndarray, before: int, ckpt: checkpoint.TrainCheckpointer) -> None:
+    """NonFiniteLossError naming the first bad step and the last good checkpoint, if any."""
+    if np.all(np.isfinite(losses)):
+        return
+    bad = before + int(np.argmin(np.isfinite(losses))) + 1
+    ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f"The last good checkpoint is step {last} in {ckpt.directory}"
+             if last is not None else
+             f"No checkpoint was written yet (none in {ckpt.directory})")
+    raise NonFiniteLossError(
+        f"the loss became {losses[bad - before - 1]} at step {bad}; stopped "
+        f"without saving. {where}. Lower optim.lr, raise optim.warmup_steps or "
+        "enable optim.grad_clip, then resume (run_train.py needs "
+        "--allow_config_change to resume with a changed optimizer)."
+    )
+
+
+def _finish(step: int, need_samples: bool, preempt: _Preemption,
+            ckpt: checkpoint.TrainCheckpointer, sample: Callable[[], None]) -> int | None:
+    """After the final checkpoint: draws the final samples unless SIGTERM came first.
+
+    Returns the step to report as preempted (SIGTERM before the final samples,
+    which a rerun then draws), or None when training ended normally.
+    """
+    # The same decision on every process (sampling is a collective).
+    sigterm = (preempt.requested if jax.process_count() == 1
+               else ckpt.reached_preemption(step))
+    if need_samples and sigterm:
+        logging.warning("preemption (SIGTERM) after the last step %d: checkpoint written; "
+                        "the final samples are not drawn (run the same command again to "
+                        "draw them); exiting.", step)
+        return step
+    if need_samples:
+        sample()
+    if preempt.requested:
+        logging.warning("SIGTERM after the last step %d: training is complete, the "
+                        "final checkpoint and samples are written; exiting normally.", step)
+    return None
+
+
+def _sample(sample_fn, dp, state, *, key, step, n, workdir, lead, writer=None) -> None:
     params = dp.first(state.ema_params)
     images = np.asarray(sample_fn(params, jax.random.fold_in(key, step), n))
     if lead:
