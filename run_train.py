@@ -1,8 +1,12 @@
 """Trains a DDPM: ``python run_train.py [--config FILE] [--workdir DIR] [--config.FIELD=VALUE]``.
 
 With no flags it trains the embedded default, configs/digits.py, into
-./runs/digits. Every config field can be overridden on the command line, e.g.
-``--config.training.batch_size=64``.
+./runs/digits (the default workdir is runs/<config file name>). Every config
+field can be overridden on the command line, ``--config.training.batch_size=64``
+or ``--config.training.batch_size 64``, the value read as the type of the
+field's current value. The flags are read by argparse through
+`ddpm_jax.commands` (`parse_with_config`), as in every command of this
+repository; ``python run_train.py --help`` lists them.
 
 Several processes (multi-host TPU pods, several GPU machines): pass
 ``--multihost`` where JAX detects the cluster (Cloud TPU pods, SLURM, Open
