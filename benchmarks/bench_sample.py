@@ -18,40 +18,42 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
-from ddpm_jax import builders, sampling
+from ddpm_jax import builders, commands, sampling
 from ddpm_jax.unet import UNet
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
-_BATCH_SIZES = flags.DEFINE_string("batch_sizes", "1,2", "Comma-separated global batch sizes.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 4, "Reverse steps per timed call.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size.")
-_OUT = flags.DEFINE_string("out", None, "Append JSON lines to this file.")
+
+def make_parser():
+    p = commands.parser("python -m benchmarks.bench_sample", __doc__.split("\n")[0])
+    commands.add_config_flag(p, "configs/default.py")
+    p.add_argument("--batch_sizes", default="1,2", help="Comma-separated global batch sizes.")
+    p.add_argument("--num_steps", type=int, default=4, help="Reverse steps per timed call.")
+    p.add_argument("--repeats", type=int, default=3, help="Timed calls per batch size.")
+    p.add_argument("--out", default=None, help="Append JSON lines to this file.")
+    return p
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
+def main(argv: list[str] | None = None) -> None:
+    args, config = commands.parse_with_config(make_parser(), argv)
     channels = config.data.channels
     size = config.data.image_size
     model = UNet(builders.unet_config(config))
     s = builders.schedule(config)
     params = jax.jit(model.init)(
         jax.random.key(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32))
-    steps = _NUM_STEPS.value
+    steps = args.num_steps
     sharding, _ = builders.data_shardings()
 
-    for batch in [int(b) for b in _BATCH_SIZES.value.split(",")]:
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
         if batch % jax.device_count():
             raise ValueError(f"batch size {batch} must be a multiple of the "
                              f"{jax.device_count()} devices.")
-        emit(bench_one(config, model, s, params, sharding, batch, steps), _OUT.value)
+        emit(bench_one(config, model, s, params, sharding, batch, steps, args.repeats),
+             args.out)
 
 
-def bench_one(config, model, s, params, sharding, batch, steps) -> dict:
+def bench_one(config, model, s, params, sharding, batch, steps, repeats=3) -> dict:
     """Times `steps` reverse steps of one batch; returns the result record."""
     size, channels = config.data.image_size, config.data.channels
     shape = (batch, size, size, channels)
@@ -68,7 +70,7 @@ def bench_one(config, model, s, params, sharding, batch, steps) -> dict:
     compiled = jax.jit(run).lower(params, jax.random.key(1), x_init).compile()
     compile_s = time.perf_counter() - start
     times = time_calls(lambda: compiled(params, jax.random.key(1), x_init).block_until_ready(),
-                       repeats=_REPEATS.value)
+                       repeats=repeats)
     best = min(times)
     # XLA's cost analysis counts a loop body once, so count one forward pass and scale.
     forward = jax.jit(model.apply).lower(params, x_init, jnp.zeros((batch,), jnp.int32))
@@ -90,4 +92,4 @@ def bench_one(config, model, s, params, sharding, batch, steps) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -23,24 +23,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
-from ddpm_jax import builders, parallel, train
+from ddpm_jax import builders, commands, parallel, train
 from ddpm_jax.unet import UNet
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
-_BATCH_SIZES = flags.DEFINE_string("batch_sizes", "8", "Comma-separated global batch sizes.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per batch size.")
-_FIND_MAX = flags.DEFINE_bool("find_max_batch", False,
-                              "Double the batch until it no longer fits (accelerators).")
-_OUT = flags.DEFINE_string("out", None, "Append JSON lines to this file.")
-_STEPS_PER_CALL = flags.DEFINE_string(
-    "compare_steps_per_call", None,
-    "Comma-separated steps_per_call values (e.g. 1,4,10): compile one train call for each and "
-    "time them in alternation, --repeats rounds, at the first batch size; reports seconds per "
-    "train step for each.")
+
+def make_parser():
+    p = commands.parser("python -m benchmarks.bench_train", __doc__.split("\n")[0])
+    commands.add_config_flag(p, "configs/default.py")
+    p.add_argument("--batch_sizes", default="8", help="Comma-separated global batch sizes.")
+    p.add_argument("--repeats", type=int, default=3, help="Timed calls per batch size.")
+    p.add_argument("--find_max_batch", action="store_true",
+                   help="Double the batch until it no longer fits (accelerators).")
+    p.add_argument("--out", default=None, help="Append JSON lines to this file.")
+    p.add_argument("--compare_steps_per_call", default=None,
+                   help="Comma-separated steps_per_call values (e.g. 1,4,10): compile one train "
+                        "call for each and time them in alternation, --repeats rounds, at the "
+                        "first batch size; reports seconds per train step for each.")
+    return p
 
 
 def _setup(config, batch: int, k: int):
@@ -135,19 +136,18 @@ def bench_one(config, batch: int, repeats: int) -> dict:
     return record
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
+def main(argv: list[str] | None = None) -> None:
+    args, config = commands.parse_with_config(make_parser(), argv)
     train.validate_config(config)
-    batches = [int(b) for b in _BATCH_SIZES.value.split(",")]
-    if _STEPS_PER_CALL.value:
-        ks = [int(k) for k in _STEPS_PER_CALL.value.split(",")]
-        for record in compare_steps_per_call(config, batches[0], ks, _REPEATS.value):
-            emit(record, _OUT.value)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    if args.compare_steps_per_call:
+        ks = [int(k) for k in args.compare_steps_per_call.split(",")]
+        for record in compare_steps_per_call(config, batches[0], ks, args.repeats):
+            emit(record, args.out)
         return
     for batch in batches:
-        emit(bench_one(config, batch, _REPEATS.value), _OUT.value)
-    if _FIND_MAX.value:
+        emit(bench_one(config, batch, args.repeats), args.out)
+    if args.find_max_batch:
         batch, largest = batches[-1] * 2, batches[-1]
         while True:
             try:
@@ -158,8 +158,8 @@ def main(argv):
                 break
             largest, batch = batch, batch * 2
         emit({"benchmark": "train_max_batch", "dtype": str(config.model.dtype),
-              "largest_batch_that_fits": largest, "first_failing_batch": batch}, _OUT.value)
+              "largest_batch_that_fits": largest, "first_failing_batch": batch}, args.out)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

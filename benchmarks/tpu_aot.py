@@ -74,7 +74,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import builders, parallel, sampling, train
+from ddpm_jax import builders, commands, parallel, sampling, train
 from ddpm_jax.config_lib import load_config
 from ddpm_jax.unet import UNet
 
@@ -535,39 +535,6 @@ def table(records: list[dict]) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _parse_overrides(items: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for item in items:
-        if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unexpected argument {item!r}; config overrides are "
-                             "--config.FIELD=VALUE, e.g. --config.model.dtype=bfloat16.")
-        name, value = item[len("--config."):].split("=", 1)
-        out.append((name, value))
-    return out
-
-
-def apply_overrides(config, overrides: list[tuple[str, str]]) -> None:
-    """Sets dotted config fields from strings, parsed as the field's current type."""
-    for name, value in overrides:
-        *parents, leaf = name.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        old = node.get(leaf)
-        if isinstance(old, bool):
-            parsed: Any = value.lower() in ("1", "true", "yes")
-        elif isinstance(old, int):
-            parsed = int(value)
-        elif isinstance(old, float):
-            parsed = float(value)
-        elif isinstance(old, (tuple, list)):
-            parsed = tuple(json.loads(value.replace("(", "[").replace(")", "]")))
-        else:
-            parsed = value
-        with config.unlocked():
-            node[leaf] = parsed
-
-
 def git_state() -> dict[str, Any]:
     """HEAD, and the files of ddpm_jax/ and configs/ that differ from it (or are new)."""
     import subprocess
@@ -605,12 +572,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="Append one JSON line per compile here.")
     parser.add_argument("--table", metavar="JSONL", default=None,
                         help="Print the markdown table of a results file and exit.")
-    args, rest = parser.parse_known_args(argv)
+    rest, overrides = commands.split_config_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
 
     if args.table:
         print(table(read_records(args.table)))
         return 0
-    overrides = _parse_overrides(rest)
+    try:  # bad overrides stop here, before any compile
+        commands.apply_config_overrides(load_config(args.config), overrides, source=args.config)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     versions = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
                 "libtpu": libtpu_version()}
     if versions["libtpu"] is None:
@@ -632,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                             config.model.remat = args.remat
                         if "remat" not in config.model:
                             config.model.remat = "none"
-                    apply_overrides(config, overrides)
+                    commands.apply_config_overrides(config, overrides)
                     try:
                         record = compile_one(config, topology,
                                              parallelism if what == "train" else "shard_map",
@@ -642,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                     record = {
                         "benchmark": "tpu_aot",
                         "config": pathlib.Path(args.config).stem,
-                        "overrides": [f"--config.{k}={v}" for k, v in overrides],
+                        "overrides": [f"--config.{k}" + ("" if v is None else f"={v}")
+                                      for k, v in overrides],
                         **record,
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                             timespec="seconds"),

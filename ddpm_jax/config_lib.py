@@ -1,13 +1,16 @@
 """Config files: loading them by path, and their typed, checked sections.
 
-`run_train.py` reads configs through ``config_flags``; notebooks, tests, benchmarks and the
-config files themselves (which extend one another) use `load_config` instead.
+Every reader of a config file uses `load_config`: the commands' ``--config`` flag
+(`ddpm_jax.commands.parse_with_config`, which also applies ``--config.FIELD=VALUE``
+overrides), notebooks, tests, benchmarks, and the config files themselves (which extend one
+another).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 import pathlib
@@ -23,15 +26,21 @@ REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Returns ``get_config()`` of a config file.
+    """Returns ``get_config()`` of a config file, or ``get_config(ARG)`` for ``FILE:ARG``.
 
     Args:
       path: a config file, or the bare name of one in this repository's configs/ folder
-        ("digits" -> configs/digits.py).
+        ("digits" -> configs/digits.py). ``FILE:ARG`` (as ml_collections' config flags
+        read it) passes the string ARG to ``get_config``, for config files whose
+        ``get_config`` takes one argument.
 
     Raises:
       FileNotFoundError: no such file, with the names available in configs/.
+      ValueError: an ARG for a ``get_config`` that takes none, or none for one that needs it.
     """
+    arg = None
+    if isinstance(path, str) and ":" in path and not pathlib.Path(path).is_file():
+        path, arg = path.split(":", 1)
     path = pathlib.Path(path)
     if path.suffix != ".py" and len(path.parts) == 1:
         path = REPO_CONFIGS / f"{path}.py"
@@ -41,7 +50,14 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(f"ddpm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    params = inspect.signature(module.get_config).parameters.values()
+    if arg is not None and not params:
+        raise ValueError(f"{path}: get_config() takes no argument; drop ':{arg}' from the "
+                         "config file name.")
+    if arg is None and any(p.default is p.empty for p in params):
+        raise ValueError(f"{path}: get_config() needs an argument; pass the file as "
+                         f"{path}:ARG.")
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def base_config(config_file: str, name: str) -> ml_collections.ConfigDict:

@@ -2,8 +2,6 @@
 
 import importlib.util
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -117,32 +115,32 @@ def test_unknown_fields_raise_valueerror():
         train.validate_config(c)
 
 
-PARSE = """
-import sys
-sys.argv = ["run_train.py", *sys.argv[1:]]
-import run_train
-run_train.FLAGS(sys.argv)
-c = run_train.FLAGS.config
-print(run_train.FLAGS["config"].config_filename, c.data.name, c.training.batch_size)
-"""
+def test_run_train_flags_default_and_override(monkeypatch, capsys):
+    """run_train.py's flags, parsed in-process as `run_train.main` parses them."""
+    monkeypatch.chdir(CONFIG_DIR.parent)
+    import run_train
 
-
-def _parse(*args):
-    # A fresh interpreter: ml_collections registers the override flags from sys.argv at import.
-    # (run_train imports only absl and ml_collections at the top, so this is quick.)
-    return subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", PARSE,
-                           *args], cwd=CONFIG_DIR.parent, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_run_train_flags_default_and_override():
-    out = _parse("--config.training.batch_size=64")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(CONFIG_DIR / "digits.py"), "digits", "64"]
-    out = _parse("--config", "configs/default.py")
-    assert out.stdout.split()[1:] == ["cifar10", "128"], out.stderr
-    out = _parse("--config.training.no_such_field=1")
-    assert out.returncode != 0 and "no_such_field" in out.stderr
+    args, c = run_train.parse_args([])
+    assert (args.config, args.workdir) == (str(CONFIG_DIR / "digits.py"), "runs/digits")
+    assert (c.data.name, c.training.batch_size, c.is_locked) == ("digits", 128, True)
+    assert (args.verbose, args.multihost, args.allow_config_change) == (False, False, False)
+    args, c = run_train.parse_args(["--config.training.batch_size=64", "--verbose"])
+    assert (c.training.batch_size, args.verbose) == (64, True)
+    args, c = run_train.parse_args(["--config", "configs/default.py",
+                                    "--config.model.dtype", "bfloat16", "--workdir", "/tmp/r"])
+    assert (args.config, args.workdir, c.data.name, c.model.dtype) == (
+        "configs/default.py", "/tmp/r", "cifar10", "bfloat16")
+    args, _ = run_train.parse_args(["--config=configs/test.py", "--multihost",
+                                    "--coordinator_address=h:1234", "--num_processes", "2",
+                                    "--process_id=1", "--allow_config_change", "--noverbose"])
+    assert (args.workdir, args.multihost, args.coordinator_address, args.num_processes,
+            args.process_id, args.allow_config_change, args.verbose) == (
+        "runs/test", True, "h:1234", 2, 1, True, False)
+    with pytest.raises(SystemExit) as e:
+        run_train.parse_args(["--config.training.no_such_field=1"])
+    assert e.value.code == 2
+    assert "--config.training.no_such_field is not a config field of configs/digits.py" in (
+        capsys.readouterr().err)
 
 
 def test_digits_quality_judge_accepts_real_digits_and_rejects_one_class():
