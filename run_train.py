@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
         commands.finish("run_train.py", _what_was_done(workdir, state), start=start,
                         log_file=commands.relpath(log_file))
-    except workdir_lib.WorkdirBusyError as e:
+    except (workdir_lib.WorkdirBusyError, train.ConfigError, train.NonFiniteLossError) as e:
+        # Bad input or a diverged run: the message says what to do; no traceback.
         raise SystemExit(f"run_train.py: {e}") from None
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

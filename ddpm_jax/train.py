@@ -76,6 +76,12 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the newest checkpoint is the last good state."""
 
 
+class ConfigError(ValueError):
+    """A config `train_and_evaluate` refuses before any work: a bad value, a batch that
+    does not divide across the devices, or a change from the config the workdir's
+    checkpoints were written with. Its message says what to change."""
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes. Replicated over the devices.
@@ -402,18 +408,21 @@ def train_and_evaluate(config: Any, workdir: str, *,
       The final train state in global form.
 
     Raises:
-      ValueError: a bad config (before anything compiles), or one that differs
-        from the checkpoints' (unless allow_config_change).
+      ConfigError (a ValueError): a bad config (before anything compiles), or
+        one that differs from the checkpoints' (unless allow_config_change).
       WorkdirBusyError: another process trains in workdir.
       NonFiniteLossError: the loss became NaN or infinite.
       SystemExit: 143 after SIGTERM, once the checkpoint is written.
     """
-    validate_config(config)
+    try:
+        validate_config(config)
+        check_resume_sampler(config, workdir)
+        dp = parallel.DataParallel(config.parallelism)
+        dp.local_batch_size(config.training.batch_size)  # ValueError unless it divides
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     # Loads the Inception weights and reference statistics now, not at the first evaluation.
     evaluator = in_training.InTrainingEval(config) if in_training.enabled(config) else None
-    check_resume_sampler(config, workdir)
-    dp = parallel.DataParallel(config.parallelism)
-    dp.local_batch_size(config.training.batch_size)  # ValueError unless it divides
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.WorkdirLock(workdir):
@@ -443,7 +452,7 @@ def _check_resume_config(ckpt: checkpoint.TrainCheckpointer, config: Any,
     if harmless:
         logging.info("resuming with changed settings: %s", "; ".join(harmless))
     if meaningful and not allow_change:
-        raise ValueError(
+        raise ConfigError(
             f"the config differs from the one the checkpoints in {ckpt.directory} were written "
             "with, in field(s) that change what training means:\n  " + "\n  ".join(meaningful)
             + "\nResume with the config they were written with, train in a new workdir, or "

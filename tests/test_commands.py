@@ -147,3 +147,20 @@ def test_logging_terminal_and_file(tmp_path, capsys, root_logger, verbose):
     assert not any("flag parsing" in line for line in err)
     text = pathlib.Path(path).read_text()
     assert "INFO some.lib: an info line" in text and "WARNING some.lib: a warning line" in text
+
+
+def test_run_train_bad_config_is_one_line_without_traceback(tmp_path):
+    """A config train_and_evaluate refuses ends run_train.py with its message, exit 1."""
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "run_train.py", "--config", "configs/test.py", "--workdir",
+         str(tmp_path / "w"), "--config.optim.lr=-1"],
+        cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "run_train.py: config.optim.lr must be > 0, got -1.0.")
+    assert not (tmp_path / "w" / "checkpoints").exists()  # refused before any work
