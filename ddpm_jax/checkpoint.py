@@ -16,6 +16,8 @@ ever deleted, and the next save of that step does not collide with it.
 a temporary directory and renames it when complete.) Metadata that parses but
 lacks the ``step`` or ``inference`` field counts as unreadable too. When no
 step can be read, the error lists each step's error and nothing is moved.
+Reads of a broken step that finish after its restore has failed are dropped
+quietly (see `_quiet_abandoned_reads`).
 
 Resuming: `config_changes` compares the config saved in a checkpoint's
 metadata with a new one, so that a resume with a different T, model, seed,
@@ -30,6 +32,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -257,7 +261,8 @@ class TrainCheckpointer:
         error: Exception | None = None
         for step in reversed(steps):
             try:
-                restored = load(step)
+                with _quiet_abandoned_reads():
+                    restored = load(step)
                 state, meta = restored["state"], restored["meta"]
                 if state is None or meta is None:
                     raise ValueError(f"step {step} lacks the state or meta item")
@@ -347,6 +352,69 @@ class TrainCheckpointer:
             )
         if errors:
             raise errors[0]
+
+
+class _QuietLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop that drops callbacks handed to it from other threads once closed.
+
+    Orbax runs a restore's reads on a new loop and closes the loop as soon as one
+    read fails; tensorstore's threads then hand the results of the reads still in
+    flight to that closed loop with ``call_soon_threadsafe``. The plain loop raises
+    "Event loop is closed" there, which tensorstore reports through
+    ``sys.unraisablehook``: one traceback per read (hundreds for a train state).
+    Nothing would run those callbacks anyway, so this loop drops them and counts them.
+    Likewise, the exceptions of its tasks that nobody retrieved ("Task exception was
+    never retrieved", reported when such a task is collected after the loop closed)
+    become one info line each instead of an error with a traceback.
+    """
+
+    dropped = 0  # callbacks dropped by all loops of this class
+
+    def call_exception_handler(self, context):
+        if not self.is_closed():
+            return super().call_exception_handler(context)
+        error = context.get("exception")
+        logging.info("after a failed restore: %s (%s)", context.get("message"),
+                     f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                     if error is not None and str(error) else repr(error))
+        return None
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if not self.is_closed():
+                raise
+            _QuietLoop.dropped += 1
+            return None
+
+
+class _QuietLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _QuietLoop
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """New asyncio loops in this block are `_QuietLoop` s (orbax creates one per restore).
+
+    The dropping belongs to the loop object, which tensorstore's pending callbacks
+    hold, so reads that finish after this block (during the fallback restore or
+    later) stay quiet too; no hook is installed and no output is filtered. A failed
+    read is still an error: orbax raises it as before. Steps are not checked before
+    the restore instead, since a metadata check cannot see truncated or missing
+    chunk data, which makes the same noise; nor are the reads waited for, since
+    orbax keeps no handle on them. Uses the event loop policy API, which Python 3.14
+    deprecates.
+    """
+    previous_policy, dropped = asyncio.get_event_loop_policy(), _QuietLoop.dropped
+    asyncio.set_event_loop_policy(_QuietLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous_policy)
+        if _QuietLoop.dropped > dropped:
+            logging.info("dropped %d results of reads that finished after their restore had "
+                         "failed.", _QuietLoop.dropped - dropped)
 
 
 def _check_meta(meta: Any, step: int) -> None:

@@ -1,6 +1,9 @@
 """Tests for ddpm_jax.checkpoint: the inference format, fallback, resume after SIGTERM / kill -9."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -95,6 +98,70 @@ def test_corrupt_newest_falls_back_without_deleting(tmp_path, caplog):
     assert "falling back" in caplog.text
     # The broken one is set aside (not deleted), so step 20 can be written again.
     assert sorted(os.listdir(directory)) == ["10", "corrupt-20"]
+
+
+def test_corrupt_newest_falls_back_quietly(tmp_path, monkeypatch, capfd, caplog):
+    """Reads of the broken step still in flight when its restore fails print nothing.
+
+    Orbax closes its event loop at the first failed read; tensorstore then hands each
+    later read's result to the closed loop, and Python printed one "Event loop is
+    closed" traceback per read through sys.unraisablehook (which pytest replaces: the
+    test puts Python's own printing hook back). How many reads are still in flight
+    depends on timing (the old code printed nothing in about one try in three), so
+    the test breaks and restores five copies.
+    """
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    # 120 arrays of 4 KiB (smaller ones are stored inside the index): many reads in flight.
+    rng = np.random.default_rng(0)
+    many = {f"w{i}": rng.normal(size=(16, 64)).astype(np.float32) for i in range(120)}
+    dp = parallel.DataParallel()
+    saved = str(tmp_path / "saved")
+    with checkpoint.TrainCheckpointer(saved) as ckpt:
+        for s in (10, 20):
+            ckpt.save(s, dp.replicate({"step": np.int32(s), "params": many}),
+                      {"step": s, "inference": {"step": s}})
+    target = dp.replicate({"step": np.int32(0), "params": many})
+    for attempt in range(5):
+        directory = str(tmp_path / f"copy{attempt}")
+        shutil.copytree(saved, directory)
+        _break(directory, 20)
+        with checkpoint.TrainCheckpointer(directory) as ckpt:
+            state, meta = ckpt.restore(target)
+        assert meta["step"] == 10 and int(np.asarray(state["step"])) == 10
+        assert sorted(os.listdir(directory)) == ["10", "corrupt-20"]
+    time.sleep(1.0)  # reads of a step 20 that finish late
+    gc.collect()
+    assert caplog.text.count("falling back") == 5
+    err = capfd.readouterr().err
+    assert err.count("Event loop is closed") == 0, err[-2000:]
+
+
+def test_restore_loops_drop_what_arrives_after_closing(caplog):
+    """The loops created while a step is restored: after closing, a callback handed over
+    (tensorstore's finished read) is dropped and a task's unretrieved error is an info line."""
+    plain = asyncio.new_event_loop()
+    plain.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        plain.call_soon_threadsafe(print)
+    with checkpoint._quiet_abandoned_reads():
+        loop = asyncio.new_event_loop()
+    assert type(asyncio.new_event_loop()) is not type(loop)  # only inside the block
+
+    async def fail():
+        raise ValueError("bad chunk")
+
+    task = loop.create_task(fail())
+    loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; nobody retrieves it
+    loop.close()
+    dropped = checkpoint._QuietLoop.dropped
+    assert loop.call_soon_threadsafe(print) is None
+    assert checkpoint._QuietLoop.dropped == dropped + 1
+    caplog.set_level(logging.INFO)
+    del task
+    gc.collect()
+    assert "after a failed restore: Task exception was never retrieved (ValueError: bad chunk)" \
+        in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def _write_meta(directory, step, text):
