@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import emit, flops_of, peak_memory_bytes, time_calls
-from ddpm_jax import builders, commands, sampling
+from ddpm_jax import builders, commands, conv, sampling
 from ddpm_jax.unet import UNet
 
 
@@ -67,7 +67,8 @@ def bench_one(config, model, s, params, sharding, batch, steps, repeats=3) -> di
     x_init = jax.device_put(jnp.asarray(
         np.random.default_rng(0).standard_normal(shape), jnp.float32), sharding)
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(params, jax.random.key(1), x_init).compile()
+    compiled = jax.jit(run, compiler_options=conv.compiler_options()).lower(
+        params, jax.random.key(1), x_init).compile()
     compile_s = time.perf_counter() - start
     times = time_calls(lambda: compiled(params, jax.random.key(1), x_init).block_until_ready(),
                        repeats=repeats)

@@ -11,6 +11,10 @@ size (also appended to --out).
   # seconds per step for several steps_per_call, timed in alternation:
   python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
       --compare_steps_per_call 1,4,10 --repeats 3 --out benchmarks/results/cpu.jsonl
+  # the train call compiled with ddpm_jax.conv.compiler_options (what the project uses on
+  # CPU) against XLA's default options, timed in alternation:
+  python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
+      --compare_compiler_options --repeats 6 --out benchmarks/results/cpu.jsonl
   # on a GPU, bf16 compute, and the largest batch that fits:
   python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
       --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl
@@ -19,6 +23,7 @@ size (also appended to --out).
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +46,10 @@ def make_parser():
                    help="Comma-separated steps_per_call values (e.g. 1,4,10): compile one train "
                         "call for each and time them in alternation, --repeats rounds, at the "
                         "first batch size; reports seconds per train step for each.")
+    p.add_argument("--compare_compiler_options", action="store_true",
+                   help="Time the train call compiled with ddpm_jax.conv.compiler_options (the "
+                        "project's choice on CPU) and with XLA's defaults, in alternation, "
+                        "--repeats rounds, at the first batch size.")
     return p
 
 
@@ -136,10 +145,46 @@ def bench_one(config, batch: int, repeats: int) -> dict:
     return record
 
 
+def compare_compiler_options(config, batch: int, rounds: int) -> list[dict]:
+    """Seconds per step of the train call with the project's compiler options and without."""
+    from ddpm_jax import conv
+
+    variants = {"project": conv.compiler_options(), "xla_default": None}
+    runs = {}
+    for name, options in variants.items():
+        with mock.patch.object(conv, "compiler_options", lambda *_, o=options: o):
+            _, state, fn, batches, key_data = _setup(config, batch, 1)
+        start = time.perf_counter()
+        compiled = fn.lower(state, batches, key_data).compile()
+        compile_s = time.perf_counter() - start
+        state, metrics = compiled(state, batches, key_data)
+        runs[name] = {"fn": compiled, "state": state, "batches": batches, "key": key_data,
+                      "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
+                      "ynn_fusions": compiled.as_text().count("__ynn_fusion"), "times": []}
+    for _ in range(rounds):
+        for r in runs.values():
+            start = time.perf_counter()
+            r["state"], metrics = r["fn"](r["state"], r["batches"], r["key"])
+            jax.block_until_ready(metrics)
+            r["times"].append(time.perf_counter() - start)
+    return [{"benchmark": "train_compiler_options", "framework": "jax", "variant": name,
+             "compiler_options": variants[name] or {}, "dtype": str(config.model.dtype),
+             "batch": batch, "rounds": rounds, "compile_s": round(r["compile_s"], 2),
+             "first_step_loss": r["loss"], "ynn_fusions": r["ynn_fusions"],
+             "seconds_per_step": [round(t, 4) for t in r["times"]],
+             "best_seconds_per_step": min(r["times"]),
+             "median_seconds_per_step": float(np.median(r["times"])),
+             "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     args, config = commands.parse_with_config(make_parser(), argv)
     train.validate_config(config)
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    if args.compare_compiler_options:
+        for record in compare_compiler_options(config, batches[0], args.repeats):
+            emit(record, args.out)
+        return
     if args.compare_steps_per_call:
         ks = [int(k) for k in args.compare_steps_per_call.split(",")]
         for record in compare_steps_per_call(config, batches[0], ks, args.repeats):

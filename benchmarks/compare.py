@@ -62,11 +62,13 @@ def _first_calls(run_train, run_sample) -> tuple[float, float]:
 
 
 def _jax_worker(args) -> None:
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from ddpm_jax import builders, config_lib, parallel, sampling, train
+    from ddpm_jax import builders, config_lib, conv, parallel, sampling, train
     from ddpm_jax.unet import UNet
 
     config = config_lib.load_config(args.config)
@@ -98,7 +100,8 @@ def _jax_worker(args) -> None:
     shape = (args.batch, size, size, channels)
     steps = args.sample_steps
 
-    @jax.jit
+    # Compiled as the project's samplers are (make_sample_fn, generate): conv.compiler_options.
+    @functools.partial(jax.jit, compiler_options=conv.compiler_options())
     def sample(params, key, x_init):
         return sampling.sample(sched, lambda x, t: model.apply({"params": params}, x, t), key,
                                shape, mean_type=d.mean_type, var_type=d.var_type,

@@ -31,6 +31,17 @@ is a ``jax.custom_vjp`` whose backward pass is written in canonical form:
 These are the forms the canonicalization pass itself produces at the top
 level, so a step inside a loop runs as fast as one outside it.
 
+Which kernels run them. XLA:CPU (jax 0.10) hands convolutions, dots and
+reductions to the YNNPACK library by default. For the U-Net's 3x3
+convolutions its own Eigen kernels are faster on the CPUs measured (AMD EPYC,
+AVX-512, 2 cores: about 210 against 190 GFLOP/s per convolution, and the
+CIFAR-10 train step at batch 8 in 1.93 instead of 2.05 s, the same loss to
+the last bit; benchmarks/results/cpu.jsonl, ``benchmarks.bench_train
+--compare_compiler_options``), while YNNPACK's dots and reductions are faster
+than the alternatives. `compiler_options` gives the jit options that keep
+dots and reductions on YNNPACK and convolutions on Eigen; the train call and
+the samplers compile with them on CPU.
+
 Every other backend (GPU, TPU) gets ``lax.conv_general_dilated`` unchanged:
 the choice is made by ``lax.platform_dependent`` when the computation is
 lowered, so an ahead-of-time compilation for TPU on a CPU host takes the
@@ -41,7 +52,8 @@ against float64 numpy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +61,34 @@ import jax.numpy as jnp
 from jax import lax
 
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
+
+# XLA:CPU: YNNPACK for dots and reductions, Eigen for convolutions (module docstring).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+    """Whether this jaxlib knows CPU_COMPILER_OPTIONS (an experimental XLA option)."""
+    try:
+        x = jax.device_put(jnp.zeros((), jnp.float32), jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(x).compile()
+    except Exception:  # renamed or dropped in another jaxlib: compile without it
+        return False
+    return True
+
+
+def compiler_options(devices: Iterable[Any] | None = None) -> dict[str, str] | None:
+    """``jax.jit(..., compiler_options=...)`` for a computation on devices (default: the
+    default backend's): CPU_COMPILER_OPTIONS when they are all CPU devices and this jaxlib
+    accepts them, else None (no options)."""
+    if devices is None:
+        cpu = jax.default_backend() == "cpu"
+    else:
+        cpu = all(getattr(d, "platform", None) == "cpu" for d in devices)
+    return dict(CPU_COMPILER_OPTIONS) if cpu and _cpu_options_accepted() else None
 
 
 def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],

@@ -53,7 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddpm_jax import builders, checkpoint, commands, sampling
+from ddpm_jax import builders, checkpoint, commands, conv, sampling
 
 CONFIDENCE = 0.8
 TABLE_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
@@ -145,7 +145,7 @@ def draw_samples(path: str, num_samples: int, seed: int, batch_size: int = 1000,
         return builders.to_uint8(x)
 
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(params, 0).compile()
+    compiled = jax.jit(run, compiler_options=conv.compiler_options()).lower(params, 0).compile()
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
     out = [np.asarray(compiled(params, i)) for i in range(0, num_samples, batch_size)]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ddpm_jax import builders, sampling
+from ddpm_jax import builders, conv, sampling
 from ddpm_jax.unet import UNet
 
 
@@ -44,7 +44,8 @@ class _BatchSampler:
                 index_offset=offset, sharding=self.batch_sharding)
             return builders.to_uint8(x)
 
-        self._run = jax.jit(run, out_shardings=self.batch_sharding)
+        self._run = jax.jit(run, out_shardings=self.batch_sharding,
+                            compiler_options=conv.compiler_options(devices))
 
     def __call__(self, params, key, offset, labels, w):
         return self._run(params, key, offset, labels, w)

@@ -40,6 +40,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddpm_jax import conv
+
 AXIS = "data"
 PARALLELISMS = ("shard_map", "pmap")
 
@@ -215,7 +217,9 @@ class DataParallel:
         ``step_fn`` runs on one device: ``batch`` leaves are ``[k, b_dev, ...]``,
         ``state`` and ``key`` are replicated, and it must return a replicated
         state and replicated metrics (averaged with ``lax.pmean`` over AXIS).
-        The state argument is donated unless donate_state is False.
+        The state argument is donated unless donate_state is False. On CPU the
+        shard_map form compiles with `ddpm_jax.conv.compiler_options` (``jax.pmap``
+        takes no compiler options).
         """
         donate = (0,) if donate_state else ()
         if self.parallelism == "pmap":
@@ -223,4 +227,5 @@ class DataParallel:
                             donate_argnums=donate, devices=self._pmap_devices)
         sharded = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(None, AXIS), P()),
                                 out_specs=(P(), P()))
-        return jax.jit(sharded, donate_argnums=donate)
+        return jax.jit(sharded, donate_argnums=donate,
+                       compiler_options=conv.compiler_options(self.mesh.devices.flat))

@@ -59,6 +59,7 @@ from ddpm_jax import (
     builders,
     checkpoint,
     config_lib,
+    conv,
     diffusion,
     input_pipeline,
     parallel,
@@ -330,7 +331,7 @@ def make_sample_fn(config: Any) -> Callable[[PyTree, jax.Array, int], jax.Array]
     d, s = config.diffusion, config_lib.SamplingConfig.from_config(config.sampling)
     shape_hw = (config.data.image_size, config.data.image_size, config.data.channels)
 
-    @functools.partial(jax.jit, static_argnums=2)
+    @functools.partial(jax.jit, static_argnums=2, compiler_options=conv.compiler_options())
     def sample(params, key, n):
         def model_fn(x, t):
             return model.apply({"params": params}, x, t)

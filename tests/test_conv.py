@@ -94,3 +94,38 @@ def test_other_convolutions_take_the_standard_path():
     same = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
     np.testing.assert_array_equal(same, jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=DN))
+
+
+def test_cpu_compiler_options_put_convolutions_on_eigen(monkeypatch):
+    """On CPU the options move convolutions out of YNNPACK and keep the numbers; other
+    platforms get none, and a jaxlib that rejects them gets none instead of an error."""
+    assert conv.compiler_options(jax.devices()) == conv.CPU_COMPILER_OPTIONS
+
+    class Chip:
+        platform = "tpu"
+
+    assert conv.compiler_options([Chip()]) is None
+    assert conv.compiler_options([jax.devices()[0], Chip()]) is None
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 32)).astype(np.float32)  # 16 channels: no YNNPACK
+    w = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+
+    def f(x, w):
+        return conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    plain = jax.jit(f).lower(x, w).compile()
+    tuned = jax.jit(f, compiler_options=conv.compiler_options()).lower(x, w).compile()
+    # The function is one convolution: YNNPACK runs it by default, Eigen with the options.
+    assert "__ynn_fusion" in plain.as_text()
+    assert "__ynn_fusion" not in tuned.as_text() and " convolution(" in tuned.as_text()
+    np.testing.assert_allclose(np.asarray(tuned(x, w)), np.asarray(plain(x, w)),
+                               rtol=1e-5, atol=1e-4)
+
+    conv._cpu_options_accepted.cache_clear()
+    monkeypatch.setattr(conv, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    try:
+        assert conv.compiler_options(jax.devices()) is None
+    finally:
+        conv._cpu_options_accepted.cache_clear()

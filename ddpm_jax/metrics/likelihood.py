@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ddpm_jax import builders, diffusion
+from ddpm_jax import builders, conv, diffusion
 from ddpm_jax.unet import UNet, UNetConfig
 
 DEFAULT_REVERSE_STEPS = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)
@@ -90,7 +90,8 @@ def _sharded_bpd(config: UNetConfig, diffusion_items: tuple, clip_denoised: bool
 
     fn = jax.vmap(one, in_axes=(None, 0, 0, None))
     return jax.jit(fn, in_shardings=(replicated, data, data, replicated),
-                   out_shardings=data), data, replicated
+                   out_shardings=data,
+                   compiler_options=conv.compiler_options(devices)), data, replicated
 
 
 class BpdEvaluator:
