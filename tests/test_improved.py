@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_train import tiny_config  # the tiny train config the train tests share
 
 from ddpm_jax import (
     builders,
@@ -228,17 +229,6 @@ def test_importance_sampled_vlb_is_unbiased():
 
 
 # --------------------------------------------------------------------------- the train step
-
-
-def tiny_config(**training):
-    c = load_config(CONFIG_DIR / "test.py")
-    c.model.ch_mult = (1,)
-    c.model.attn_resolutions = ()
-    c.model.dropout = 0.0
-    c.training.num_samples = 0
-    for k, v in training.items():
-        c.training[k] = v
-    return c
 
 
 def _step_before_loss_aware(state, batch, key, *, model, config):
