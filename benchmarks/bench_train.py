@@ -71,6 +71,19 @@ def _setup(config, batch: int, k: int):
     return dp, state, train_fn, batches, jax.random.key_data(jax.random.key(1))
 
 
+def _time_in_alternation(runs: dict, rounds: int) -> None:
+    """Calls each run's train call once per round, in turn (the same load for each), and
+    appends the seconds of each call to its "times"; the state is carried through."""
+    for r in runs.values():
+        r["times"] = []
+    for _ in range(rounds):
+        for r in runs.values():
+            start = time.perf_counter()
+            r["state"], metrics = r["fn"](r["state"], r["batches"], r["key"])
+            jax.block_until_ready(metrics)
+            r["times"].append(time.perf_counter() - start)
+
+
 def compare_steps_per_call(config, batch: int, ks: list[int], rounds: int) -> list[dict]:
     """Seconds per step of the train call for each k, timed in alternation (same load)."""
     runs = {}
@@ -80,14 +93,10 @@ def compare_steps_per_call(config, batch: int, ks: list[int], rounds: int) -> li
         state, metrics = fn(state, batches, key_data)
         jax.block_until_ready(metrics)
         runs[k] = {"state": state, "fn": fn, "batches": batches, "key": key_data,
-                   "first_call_s": time.perf_counter() - start, "per_step": []}
-    for _ in range(rounds):
-        for k in ks:
-            r = runs[k]
-            start = time.perf_counter()
-            r["state"], metrics = r["fn"](r["state"], r["batches"], r["key"])
-            jax.block_until_ready(metrics)
-            r["per_step"].append((time.perf_counter() - start) / k)
+                   "first_call_s": time.perf_counter() - start}
+    _time_in_alternation(runs, rounds)
+    for k in ks:
+        runs[k]["per_step"] = [t / k for t in runs[k]["times"]]
     return [{"benchmark": "train_steps_per_call", "framework": "jax",
              "config": {"model": config.model.to_dict(), "image_size": config.data.image_size,
                         "parallelism": config.parallelism},
@@ -160,13 +169,8 @@ def compare_compiler_options(config, batch: int, rounds: int) -> list[dict]:
         state, metrics = compiled(state, batches, key_data)
         runs[name] = {"fn": compiled, "state": state, "batches": batches, "key": key_data,
                       "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
-                      "ynn_fusions": compiled.as_text().count("__ynn_fusion"), "times": []}
-    for _ in range(rounds):
-        for r in runs.values():
-            start = time.perf_counter()
-            r["state"], metrics = r["fn"](r["state"], r["batches"], r["key"])
-            jax.block_until_ready(metrics)
-            r["times"].append(time.perf_counter() - start)
+                      "ynn_fusions": compiled.as_text().count("__ynn_fusion")}
+    _time_in_alternation(runs, rounds)
     return [{"benchmark": "train_compiler_options", "framework": "jax", "variant": name,
              "compiler_options": variants[name] or {}, "dtype": str(config.model.dtype),
              "batch": batch, "rounds": rounds, "compile_s": round(r["compile_s"], 2),
