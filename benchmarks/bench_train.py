@@ -15,6 +15,9 @@ size (also appended to --out).
   # CPU) against XLA's default options, timed in alternation:
   python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
       --compare_compiler_options --repeats 6 --out benchmarks/results/cpu.jsonl
+  # the train call traced with Winograd convolutions on CPU ("auto") and without ("direct"):
+  python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
+      --compare_cpu_algorithms --repeats 8 --out benchmarks/results/cpu.jsonl
   # on a GPU, bf16 compute, and the largest batch that fits:
   python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
       --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl
@@ -50,6 +53,10 @@ def make_parser():
                    help="Time the train call compiled with ddpm_jax.conv.compiler_options (the "
                         "project's choice on CPU) and with XLA's defaults, in alternation, "
                         "--repeats rounds, at the first batch size.")
+    p.add_argument("--compare_cpu_algorithms", action="store_true",
+                   help="Time the train call traced with each ddpm_jax.conv.cpu_algorithm "
+                        "(auto, the project's choice; direct: no Winograd), in alternation, "
+                        "--repeats rounds, at the first batch size (CPU).")
     return p
 
 
@@ -181,12 +188,43 @@ def compare_compiler_options(config, batch: int, rounds: int) -> list[dict]:
              "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
 
 
+def compare_cpu_algorithms(config, batch: int, rounds: int) -> list[dict]:
+    """Seconds per step of the train call traced with each CPU convolution algorithm."""
+    from ddpm_jax import conv
+
+    runs = {}
+    for name in ("auto", "direct"):
+        with conv.cpu_algorithm(name):
+            _, state, fn, batches, key_data = _setup(config, batch, 1)
+            start = time.perf_counter()
+            compiled = fn.lower(state, batches, key_data).compile()
+            compile_s = time.perf_counter() - start
+        state, metrics = compiled(state, batches, key_data)
+        runs[name] = {"fn": compiled, "state": state, "batches": batches, "key": key_data,
+                      "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
+                      "convolutions": compiled.as_text().count(" convolution(")}
+    _time_in_alternation(runs, rounds)
+    return [{"benchmark": "train_cpu_algorithm", "framework": "jax", "variant": name,
+             "winograd_min_channels": conv.WINOGRAD_MIN_CHANNELS,
+             "dtype": str(config.model.dtype), "batch": batch, "rounds": rounds,
+             "compile_s": round(r["compile_s"], 2), "first_step_loss": r["loss"],
+             "convolution_ops": r["convolutions"],
+             "seconds_per_step": [round(t, 4) for t in r["times"]],
+             "best_seconds_per_step": min(r["times"]),
+             "median_seconds_per_step": float(np.median(r["times"])),
+             "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     args, config = commands.parse_with_config(make_parser(), argv)
     train.validate_config(config)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.compare_compiler_options:
         for record in compare_compiler_options(config, batches[0], args.repeats):
+            emit(record, args.out)
+        return
+    if args.compare_cpu_algorithms:
+        for record in compare_cpu_algorithms(config, batches[0], args.repeats):
             emit(record, args.out)
         return
     if args.compare_steps_per_call:

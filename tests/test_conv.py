@@ -129,3 +129,56 @@ def test_cpu_compiler_options_put_convolutions_on_eigen(monkeypatch):
         assert conv.compiler_options(jax.devices()) is None
     finally:
         conv._cpu_options_accepted.cache_clear()
+
+
+def _jit_conv_and_grads(x, w, r):
+    def loss(x, w):
+        y = conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+        return jnp.sum(y * jnp.asarray(r, jnp.float32)), y
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 8, 8, 16, 24),   # F(4x4, 3x3), whole tiles
+    (2, 9, 12, 20, 17),  # F(4x4, 3x3), the last tiles cut off
+    (2, 5, 7, 16, 16),   # F(2x2, 3x3) (a side under 8), the last row of tiles cut off
+    (1, 2, 2, 16, 16),   # F(2x2, 3x3), one tile
+])
+def test_winograd_values_and_gradients_match_float64(shape):
+    n, h, w_, ci, co = shape
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, h, w_, ci))
+    w = rng.standard_normal((3, 3, ci, co)) / np.sqrt(9 * ci)
+    r = rng.standard_normal((n, h, w_, co))
+    refs = _np_conv_and_grads(x, w, r, 1, ((1, 1), (1, 1)))
+    with conv.cpu_algorithm("winograd"):
+        fn = _jit_conv_and_grads(x, w, r)
+        args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+        text = fn.lower(*args).compile().as_text()
+        (_, y), (dx, dw) = fn(*args)
+    assert " convolution(" not in text  # all three are dots and elementwise transforms
+    for got, ref in zip((y, dx, dw), refs, strict=True):
+        # F(4x4, 3x3)'s transforms lose a few more bits than the direct convolution.
+        assert np.abs(np.asarray(got, np.float64) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_cpu_algorithm_auto_takes_winograd_for_wide_float32_convolutions():
+    def convolutions(ci, co, dtype=jnp.float32, algorithm="auto"):
+        x = jnp.ones((1, 4, 4, ci), dtype)
+        w = jnp.ones((3, 3, ci, co), dtype)
+        with conv.cpu_algorithm(algorithm):
+            f = jax.jit(lambda x, w: conv.conv_general_dilated(
+                x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))
+            return f.lower(x, w).compile().as_text().count(" convolution(")
+
+    wide = conv.WINOGRAD_MIN_CHANNELS
+    assert convolutions(wide, wide) == 0
+    assert convolutions(wide // 2, wide) == 1
+    assert convolutions(8, 8, algorithm="winograd") == 0
+    assert convolutions(wide, wide, algorithm="direct") == 1
+    assert convolutions(wide, wide, jnp.bfloat16, algorithm="winograd") == 1
+    with pytest.raises(ValueError, match="auto, winograd, direct"):
+        with conv.cpu_algorithm("fft"):
+            pass
+    assert conv._cpu_algorithm == "auto"
