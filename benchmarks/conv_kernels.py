@@ -2,9 +2,11 @@ r"""Per-convolution speed of the CIFAR-10 U-Net's 3x3 convolutions: ours against
 
 Times the forward pass, the input gradient and the kernel gradient of each distinct 3x3
 convolution shape of configs/default.py at batch 8 (float32, NHWC), alone, best of
---repeats calls, and prints GFLOP/s. The JAX side runs what the project compiles
-(`ddpm_jax.conv.conv_general_dilated` and its CPU gradients, with
-`ddpm_jax.conv.compiler_options`) and the same with XLA's default options; the PyTorch
+--repeats calls, and prints GFLOP/s (the direct convolution's FLOPs over the time, so
+Winograd's rate can exceed the machine's peak). The JAX side runs what the project compiles
+("project": `ddpm_jax.conv.conv_general_dilated`, Winograd on CPU for these shapes, with
+`ddpm_jax.conv.compiler_options`), the direct convolution with the same options ("direct"),
+and the direct convolution with XLA's default options ("xla_default"); the PyTorch
 side runs ``aten.convolution_backward`` on channels-last tensors, as the peer
 (benchmarks/peer_torch.py) trains. Each run appends JSON lines to --out.
 
@@ -54,7 +56,10 @@ def _jax_rows(repeats: int) -> list[dict]:
 
     rows = []
     pad = ((1, 1), (1, 1))
-    for variant, options in (("project", conv.compiler_options()), ("xla_default", None)):
+    variants = (("project", "auto", conv.compiler_options()),
+                ("direct", "direct", conv.compiler_options()),
+                ("xla_default", "direct", None))
+    for variant, algorithm, options in variants:
         for n, h, w, ci, co, _ in SHAPES:
             rng = np.random.default_rng(0)
             x = jax.numpy.asarray(rng.standard_normal((n, h, w, ci), np.float32))
@@ -76,7 +81,8 @@ def _jax_rows(repeats: int) -> list[dict]:
                                         compiler_options=options), (x, k, g)),
             }
             for what, (f, args) in fns.items():
-                t = _best(lambda f=f, args=args: f(*args).block_until_ready(), repeats)
+                with conv.cpu_algorithm(algorithm):  # traced on the first call
+                    t = _best(lambda f=f, args=args: f(*args).block_until_ready(), repeats)
                 rows.append(_row("jax", variant, (n, h, w, ci, co, _), what, t))
     return rows
 
