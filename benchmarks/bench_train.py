@@ -18,6 +18,9 @@ size (also appended to --out).
   # the train call traced with Winograd convolutions on CPU ("auto") and without ("direct"):
   python -m benchmarks.bench_train --config configs/default.py --batch_sizes 8 \
       --compare_cpu_algorithms --repeats 8 --out benchmarks/results/cpu.jsonl
+  # the digits U-Net, which "auto" leaves direct, forced to Winograd:
+  python -m benchmarks.bench_train --config digits --batch_sizes 128 \
+      --compare_cpu_algorithms winograd,direct --repeats 10 --out benchmarks/results/cpu.jsonl
   # on a GPU, bf16 compute, and the largest batch that fits:
   python -m benchmarks.bench_train --config configs/default.py --config.model.dtype=bfloat16 \
       --batch_sizes 128,256 --find_max_batch --out benchmarks/results/h100.jsonl
@@ -53,10 +56,11 @@ def make_parser():
                    help="Time the train call compiled with ddpm_jax.conv.compiler_options (the "
                         "project's choice on CPU) and with XLA's defaults, in alternation, "
                         "--repeats rounds, at the first batch size.")
-    p.add_argument("--compare_cpu_algorithms", action="store_true",
-                   help="Time the train call traced with each ddpm_jax.conv.cpu_algorithm "
-                        "(auto, the project's choice; direct: no Winograd), in alternation, "
-                        "--repeats rounds, at the first batch size (CPU).")
+    p.add_argument("--compare_cpu_algorithms", nargs="?", const="auto,direct", default=None,
+                   help="Comma-separated ddpm_jax.conv.cpu_algorithm names (default "
+                        "auto,direct: the project's choice and no Winograd): trace the train "
+                        "call with each and time them in alternation, --repeats rounds, at the "
+                        "first batch size (CPU).")
     return p
 
 
@@ -188,12 +192,12 @@ def compare_compiler_options(config, batch: int, rounds: int) -> list[dict]:
              "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
 
 
-def compare_cpu_algorithms(config, batch: int, rounds: int) -> list[dict]:
+def compare_cpu_algorithms(config, batch: int, rounds: int, names: list[str]) -> list[dict]:
     """Seconds per step of the train call traced with each CPU convolution algorithm."""
     from ddpm_jax import conv
 
     runs = {}
-    for name in ("auto", "direct"):
+    for name in names:
         with conv.cpu_algorithm(name):
             _, state, fn, batches, key_data = _setup(config, batch, 1)
             start = time.perf_counter()
@@ -224,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
             emit(record, args.out)
         return
     if args.compare_cpu_algorithms:
-        for record in compare_cpu_algorithms(config, batches[0], args.repeats):
+        names = args.compare_cpu_algorithms.split(",")
+        for record in compare_cpu_algorithms(config, batches[0], args.repeats, names):
             emit(record, args.out)
         return
     if args.compare_steps_per_call:

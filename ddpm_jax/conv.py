@@ -195,7 +195,8 @@ _WINOGRAD = {
 # Smallest channel count (in and out) for which the CPU path picks Winograd by itself
 # ("auto"). The paper's U-Nets (128 to 512 channels) take it; below, the products are small
 # for the dot kernels and the compile grows more than the step shrinks: the digits U-Net (32
-# and 64 channels) trained 8% faster per step at batch 128 but compiled in 29 s instead of 7.
+# and 64 channels) forced to Winograd trained 4-6% faster per step at batch 128 but compiled
+# in 30 s instead of 6 (bench_train --compare_cpu_algorithms winograd,direct, cpu.jsonl).
 WINOGRAD_MIN_CHANNELS = 128
 
 CPU_ALGORITHMS = ("auto", "winograd", "direct")
