@@ -48,7 +48,7 @@ at about 80% of the speed of PyTorch's oneDNN kernels on the same CPU
 input and kernel transforms, (m + 2)^2 dots that do 2.25 to 4 times fewer multiplications
 than the direct convolution, and an output transform (Lavin & Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016). Its input and kernel gradients go through the same
-transforms. The results agree with the direct convolution to about 1e-6 of their scale
+transforms. The results agree with float64 to a few 1e-6 of their scale
 (F(4x4, 3x3)'s constants cost a few bits; tests/test_conv.py checks values and gradients
 against float64). `cpu_algorithm` chooses per traced function ("auto": Winograd when both
 channel counts are at least WINOGRAD_MIN_CHANNELS; "winograd"; "direct"). On the CIFAR-10
