@@ -165,58 +165,57 @@ def bench_one(config, batch: int, repeats: int) -> dict:
     return record
 
 
+def _compiled_run(config, batch: int, context) -> dict:
+    """A run for _time_in_alternation: the one-step train call set up and compiled inside
+    `context` (which changes how it compiles), called once; with compile seconds, the
+    first step's loss and the compiled HLO text."""
+    with context:
+        _, state, fn, batches, key_data = _setup(config, batch, 1)
+        start = time.perf_counter()
+        compiled = fn.lower(state, batches, key_data).compile()
+        compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batches, key_data)
+    return {"fn": compiled, "state": state, "batches": batches, "key": key_data,
+            "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
+            "text": compiled.as_text()}
+
+
+def _alternation_record(r: dict, batch: int, rounds: int) -> dict:
+    """The fields every alternation record shares, from a timed run."""
+    return {"framework": "jax", "batch": batch, "rounds": rounds,
+            "compile_s": round(r["compile_s"], 2), "first_step_loss": r["loss"],
+            "seconds_per_step": [round(t, 4) for t in r["times"]],
+            "best_seconds_per_step": min(r["times"]),
+            "median_seconds_per_step": float(np.median(r["times"])),
+            "images_per_s": batch / min(r["times"])}
+
+
 def compare_compiler_options(config, batch: int, rounds: int) -> list[dict]:
     """Seconds per step of the train call with the project's compiler options and without."""
     from ddpm_jax import conv
 
     variants = {"project": conv.compiler_options(), "xla_default": None}
-    runs = {}
-    for name, options in variants.items():
-        with mock.patch.object(conv, "compiler_options", lambda *_, o=options: o):
-            _, state, fn, batches, key_data = _setup(config, batch, 1)
-        start = time.perf_counter()
-        compiled = fn.lower(state, batches, key_data).compile()
-        compile_s = time.perf_counter() - start
-        state, metrics = compiled(state, batches, key_data)
-        runs[name] = {"fn": compiled, "state": state, "batches": batches, "key": key_data,
-                      "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
-                      "ynn_fusions": compiled.as_text().count("__ynn_fusion")}
+    runs = {name: _compiled_run(config, batch, mock.patch.object(
+                conv, "compiler_options", lambda *_, o=options: o))
+            for name, options in variants.items()}
     _time_in_alternation(runs, rounds)
-    return [{"benchmark": "train_compiler_options", "framework": "jax", "variant": name,
+    return [{"benchmark": "train_compiler_options", "variant": name,
              "compiler_options": variants[name] or {}, "dtype": str(config.model.dtype),
-             "batch": batch, "rounds": rounds, "compile_s": round(r["compile_s"], 2),
-             "first_step_loss": r["loss"], "ynn_fusions": r["ynn_fusions"],
-             "seconds_per_step": [round(t, 4) for t in r["times"]],
-             "best_seconds_per_step": min(r["times"]),
-             "median_seconds_per_step": float(np.median(r["times"])),
-             "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
+             "ynn_fusions": r["text"].count("__ynn_fusion"),
+             **_alternation_record(r, batch, rounds)} for name, r in runs.items()]
 
 
 def compare_cpu_algorithms(config, batch: int, rounds: int, names: list[str]) -> list[dict]:
     """Seconds per step of the train call traced with each CPU convolution algorithm."""
     from ddpm_jax import conv
 
-    runs = {}
-    for name in names:
-        with conv.cpu_algorithm(name):
-            _, state, fn, batches, key_data = _setup(config, batch, 1)
-            start = time.perf_counter()
-            compiled = fn.lower(state, batches, key_data).compile()
-            compile_s = time.perf_counter() - start
-        state, metrics = compiled(state, batches, key_data)
-        runs[name] = {"fn": compiled, "state": state, "batches": batches, "key": key_data,
-                      "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"])[0]),
-                      "convolutions": compiled.as_text().count(" convolution(")}
+    runs = {name: _compiled_run(config, batch, conv.cpu_algorithm(name)) for name in names}
     _time_in_alternation(runs, rounds)
-    return [{"benchmark": "train_cpu_algorithm", "framework": "jax", "variant": name,
+    return [{"benchmark": "train_cpu_algorithm", "variant": name,
              "winograd_min_channels": conv.WINOGRAD_MIN_CHANNELS,
-             "dtype": str(config.model.dtype), "batch": batch, "rounds": rounds,
-             "compile_s": round(r["compile_s"], 2), "first_step_loss": r["loss"],
-             "convolution_ops": r["convolutions"],
-             "seconds_per_step": [round(t, 4) for t in r["times"]],
-             "best_seconds_per_step": min(r["times"]),
-             "median_seconds_per_step": float(np.median(r["times"])),
-             "images_per_s": batch / min(r["times"])} for name, r in runs.items()]
+             "dtype": str(config.model.dtype),
+             "convolution_ops": r["text"].count(" convolution("),
+             **_alternation_record(r, batch, rounds)} for name, r in runs.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
