@@ -243,6 +243,11 @@ def _winograd_tile(hw: tuple[int, int]) -> int:
     return 4 if min(hw) >= 8 else 2
 
 
+def _num_tiles(hw: tuple[int, int], m: int) -> tuple[int, int]:
+    """Tiles of m x m outputs along H and W (the last ones cropped when m does not divide)."""
+    return -(-hw[0] // m), -(-hw[1] // m)
+
+
 def _winograd_inputs(x: jax.Array, m: int) -> list[jax.Array]:
     """B^T d B for every input tile d of x padded by 1 (and up to a multiple of m): (m + 2)^2
     arrays of shape [B * tiles, C]. Kept as separate arrays: stacking them into one buffer
@@ -250,7 +255,7 @@ def _winograd_inputs(x: jax.Array, m: int) -> list[jax.Array]:
     bt = _WINOGRAD[m][0]
     a = m + 2
     n, h, w, c = x.shape
-    th, tw = -(-h // m), -(-w // m)
+    th, tw = _num_tiles((h, w), m)
     xp = jnp.pad(x, ((0, 0), (1, 1 + th * m - h), (1, 1 + tw * m - w), (0, 0)))
     d = [[xp[:, i:i + m * (th - 1) + 1:m, j:j + m * (tw - 1) + 1:m] for j in range(a)]
          for i in range(a)]
@@ -275,12 +280,12 @@ def _winograd_outputs(prods: list[jax.Array], m: int, shape: tuple[int, ...]) ->
     Written as one dot of the (m^2, (m + 2)^2) matrix A^T (x) A^T with the stacked products,
     then a transpose that interleaves the tiles. Written instead as sums of products and
     stacks, XLA:CPU fused the interleave into the consumers (GroupNorm, swish and their
-    gradients), evaluated it twice per element there and did not vectorize it: up to 40 ms
-    for one [8, 32, 32, 384] output, against 2 ms this way."""
+    gradients) and evaluated it twice per element there: up to 40 ms for one
+    [8, 32, 32, 384] output, against about 2 ms this way."""
     at = np.asarray(_WINOGRAD[m][2], np.float64)
     a = m + 2
     n, h, w, co = shape
-    th, tw = -(-h // m), -(-w // m)
+    th, tw = _num_tiles((h, w), m)
     a2 = np.einsum("rk,sl->rskl", at, at).reshape(m * m, a * a)
     stacked = jnp.stack(prods).reshape(a * a, -1)
     y = (jnp.asarray(a2, stacked.dtype) @ stacked).reshape(m, m, n, th, tw, co)
@@ -308,7 +313,7 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array, m: int) -> jax.Array:
     _, gm, at = _WINOGRAD[m]
     a = m + 2
     n, h, w, co = g.shape
-    th, tw = -(-h // m), -(-w // m)
+    th, tw = _num_tiles((h, w), m)
     gp = jnp.pad(g, ((0, 0), (0, th * m - h), (0, tw * m - w), (0, 0)))
     gt = [[gp[:, r::m, s::m] for s in range(m)] for r in range(m)]  # [B, th, tw, C_out]
     # The transpose of the output transform: dM[k, q] = sum_rs AT[r, k] AT[s, q] G_y[r, s].
@@ -316,6 +321,8 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array, m: int) -> jax.Array:
              for s in range(m)] for k in range(a)]
     dm = [_combine([at[s][q] for s in range(m)], cols[k]).reshape(n * th * tw, co)
           for k in range(a) for q in range(a)]
+    # V is recomputed rather than saved by the forward pass: the residuals stay (x, w), as
+    # for the direct convolution, at the cost of one input transform (about 1-2 ms here).
     v = _winograd_inputs(x, m)
     du = [vp.T @ dmp for vp, dmp in zip(v, dm, strict=True)]  # [C_in, C_out] each
     # The transpose of the kernel transform: dw[i, j] = sum_kq G[k, i] G[q, j] dU[k, q].
